@@ -1,0 +1,94 @@
+"""Exception classes of the node, with the DIMSE status and CLI exit code each maps to.
+
+Every error the node raises on purpose derives from :class:`NodeError`; its ``status`` is the
+DIMSE status a C-STORE handler returns for it and its ``exit_code`` the process exit code the
+CLI uses.
+"""
+
+from __future__ import annotations
+
+# CLI exit codes (sysexits-like, distinct per cause).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_NETWORK = 69  # EX_UNAVAILABLE
+EXIT_DATA = 65  # EX_DATAERR
+EXIT_IO = 74  # EX_IOERR
+
+# DIMSE statuses used by the C-STORE SCP.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+class NodeError(Exception):
+    """Base class of the node's own errors."""
+
+    status: int = STATUS_PROCESSING_FAILURE
+    exit_code: int = EXIT_FAILURE
+
+
+class ConfigError(NodeError):
+    """A configuration file is missing, unreadable or invalid."""
+
+    exit_code = EXIT_CONFIG
+
+
+class InvalidUIDError(NodeError):
+    """A UID is not a valid DICOM UID and must not become a path part."""
+
+    status = STATUS_CANNOT_UNDERSTAND
+    exit_code = EXIT_DATA
+
+
+class InvalidDatasetError(NodeError):
+    """A received dataset cannot be parsed or lacks required attributes."""
+
+    status = STATUS_CANNOT_UNDERSTAND
+    exit_code = EXIT_DATA
+
+
+class StorageFullError(NodeError):
+    """Free disk space is below the configured floor, or a write failed for lack of space."""
+
+    status = STATUS_OUT_OF_RESOURCES
+    exit_code = EXIT_IO
+
+
+class StorageError(NodeError):
+    """Writing a file or its index row failed."""
+
+    status = STATUS_OUT_OF_RESOURCES
+    exit_code = EXIT_IO
+
+
+class ConflictingInstanceError(NodeError):
+    """An instance with a known SOPInstanceUID arrived with different content."""
+
+    status = STATUS_DATASET_MISMATCH
+    exit_code = EXIT_DATA
+
+
+class NetworkError(NodeError):
+    """An association could not be made or a peer failed a request."""
+
+    exit_code = EXIT_NETWORK
+
+
+class SendError(NetworkError):
+    """A C-STORE send was partial or failed after every retry."""
+
+
+class SeriesError(NodeError):
+    """A stored series cannot be read as a volume (gap, tilt, mixed sizes, ...)."""
+
+    exit_code = EXIT_DATA
+
+
+class DeriveError(NodeError):
+    """A derived DICOM object could not be created."""
+
+    exit_code = EXIT_DATA

@@ -1,0 +1,202 @@
+"""The Res2Net fusion network of Chen et al. (2024): extractor, fusion layer, reconstructor.
+
+No I/O here. Every 3x3 convolution uses reflect padding, so borders stay clean and any
+image size >= 2x2 works. ReLU follows every convolution except the reconstructor's last.
+
+Layout (Table 1 of the paper):
+
+* extractor: Conv3 1->32, Conv3 32->64, Res2Net block
+  (Conv1 64->64, split into 4 groups of 16 channels, y1 = x1, y2 = H2(x2),
+  yi = Hi(xi + y(i-1)), each Hi two Conv3 16->16, concatenate, Conv1 64->64, plus the
+  module's identity shortcut after Gao et al.; ReLU after the sum);
+* fusion layer: a strategy from :data:`FUSION_STRATEGIES` combining the two feature maps;
+* reconstructor: Conv3 64->64->32->16->1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EPS = 1e-8
+"""Small epsilon of the attention weights (paper eq. 3)."""
+
+
+def _conv3(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, padding=1, padding_mode="reflect")
+
+
+def _conv1(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=1)
+
+
+class Res2NetBlock(nn.Module):
+    """Res2Net module (Gao et al. 2019) with scale 4 and an identity shortcut."""
+
+    def __init__(self, channels: int = 64, scale: int = 4) -> None:
+        super().__init__()
+        if channels % scale:
+            raise ValueError("channels must be divisible by scale")
+        self.scale = scale
+        self.width = channels // scale
+        self.conv_in = _conv1(channels, channels)
+        self.branches = nn.ModuleList(
+            nn.Sequential(
+                _conv3(self.width, self.width),
+                nn.ReLU(inplace=True),
+                _conv3(self.width, self.width),
+                nn.ReLU(inplace=True),
+            )
+            for _ in range(scale - 1)
+        )
+        self.conv_out = _conv1(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the block to (N, C, H, W) features."""
+        out = F.relu(self.conv_in(x))
+        xs = torch.split(out, self.width, dim=1)
+        ys = [xs[0]]
+        prev: Tensor | None = None
+        for i, branch in enumerate(self.branches, start=1):
+            inp = xs[i] if prev is None else xs[i] + prev
+            prev = branch(inp)
+            ys.append(prev)
+        out = self.conv_out(torch.cat(ys, dim=1))
+        return F.relu(out + x)
+
+
+class Extractor(nn.Module):
+    """Feature extractor: Conv3 1->32, Conv3 32->64, Res2Net block (64 channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = _conv3(1, 32)
+        self.conv2 = _conv3(32, 64)
+        self.res2net = Res2NetBlock(64, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 1, H, W) image -> (N, 64, H, W) features."""
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        out: Tensor = self.res2net(x)
+        return out
+
+
+class Reconstructor(nn.Module):
+    """Reconstructor: Conv3 64->64->32->16->1, no activation after the last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = _conv3(64, 64)
+        self.conv2 = _conv3(64, 32)
+        self.conv3 = _conv3(32, 16)
+        self.conv4 = _conv3(16, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 64, H, W) features -> (N, 1, H, W) image."""
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        out: Tensor = self.conv4(x)
+        return out
+
+
+# ---------------------------------------------------------------- fusion strategies
+
+
+def mean_attention(a: Tensor, b: Tensor) -> Tensor:
+    """Spatial mean attention (paper eqs. 2-3): weights Q_i / sum Q, Q = channel mean."""
+    qa = a.mean(dim=1, keepdim=True)
+    qb = b.mean(dim=1, keepdim=True)
+    total = qa + qb + EPS
+    return (qa / total) * a + (qb / total) * b
+
+
+def softmax_mean(a: Tensor, b: Tensor) -> Tensor:
+    """Softmax over the sources of the channel-mean activity Q."""
+    q = torch.cat([a.mean(dim=1, keepdim=True), b.mean(dim=1, keepdim=True)], dim=1)
+    w = torch.softmax(q, dim=1)
+    return w[:, 0:1] * a + w[:, 1:2] * b
+
+
+def addition(a: Tensor, b: Tensor) -> Tensor:
+    """DenseFuse addition strategy: element-wise sum of the feature maps."""
+    return a + b
+
+
+def l1_norm(a: Tensor, b: Tensor) -> Tensor:
+    """DenseFuse l1-norm strategy: channel l1 activity, 3x3 block average, ratio weights."""
+    ca = a.abs().sum(dim=1, keepdim=True)
+    cb = b.abs().sum(dim=1, keepdim=True)
+    ca = F.avg_pool2d(F.pad(ca, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    cb = F.avg_pool2d(F.pad(cb, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    total = ca + cb + EPS
+    return (ca / total) * a + (cb / total) * b
+
+
+def average(a: Tensor, b: Tensor) -> Tensor:
+    """Element-wise mean of the feature maps."""
+    return 0.5 * (a + b)
+
+
+FusionFn = Callable[[Tensor, Tensor], Tensor]
+
+FUSION_STRATEGIES: dict[str, FusionFn] = {
+    "mean-attention": mean_attention,
+    "softmax-mean": softmax_mean,
+    "addition": addition,
+    "l1-norm": l1_norm,
+    "average": average,
+}
+"""Fusion layers by name; order is the order of reports."""
+
+
+class FusionNet(nn.Module):
+    """Extractor + fusion layer + reconstructor; one shared extractor for both sources."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extractor = Extractor()
+        self.reconstructor = Reconstructor()
+
+    def autoencode(self, x: Tensor) -> Tensor:
+        """Training path without fusion layer: (N, 1, H, W) -> (N, 1, H, W)."""
+        out: Tensor = self.reconstructor(self.extractor(x))
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Alias of :meth:`autoencode`."""
+        return self.autoencode(x)
+
+    def fuse(self, a: Tensor, b: Tensor, fusion: FusionFn) -> Tensor:
+        """Fuse two (N, 1, H, W) images with a fusion function over their features.
+
+        Both sources go through the extractor in one batch.
+        """
+        n = a.shape[0]
+        feats = self.extractor(torch.cat([a, b], dim=0))
+        fused = fusion(feats[:n], feats[n:])
+        out: Tensor = self.reconstructor(fused)
+        return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def macs_per_pixel(model: FusionNet) -> tuple[int, int]:
+    """Multiply-adds per pixel of (one extractor, the reconstructor), convolutions only."""
+
+    def conv_macs(m: nn.Module) -> int:
+        total = 0
+        for mod in m.modules():
+            if isinstance(mod, nn.Conv2d):
+                kh, kw = mod.kernel_size
+                total += mod.in_channels * mod.out_channels * kh * kw // mod.groups
+        return total
+
+    return conv_macs(model.extractor), conv_macs(model.reconstructor)
