@@ -51,6 +51,12 @@ class InvalidDatasetError(NodeError):
     exit_code = EXIT_DATA
 
 
+class SOPClassMismatchError(InvalidDatasetError):
+    """The dataset's SOPClassUID differs from the SOP class negotiated for it."""
+
+    status = STATUS_DATASET_MISMATCH
+
+
 class StorageFullError(NodeError):
     """Free disk space is below the configured floor, or a write failed for lack of space."""
 
@@ -79,7 +85,24 @@ class NetworkError(NodeError):
 
 
 class SendError(NetworkError):
-    """A C-STORE send was partial or failed after every retry."""
+    """A C-STORE send was partial or failed after every retry.
+
+    ``sent``: instances acknowledged; ``failed``: SOPInstanceUID (or unreadable file path) ->
+    reason for each instance not acknowledged; ``attempts``: associations tried.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sent: int = 0,
+        failed: dict[str, str] | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.failed: dict[str, str] = dict(failed or {})
+        self.attempts = attempts
 
 
 class SeriesError(NodeError):

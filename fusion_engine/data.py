@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -57,9 +59,8 @@ def read_grey_png(path: Path) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]:
             if arr.min() < 0 or arr.max() > 65535:
                 raise InputError(f"{path}: pixel values outside 16-bit range")
             return arr.astype(np.uint16)
-        if im.mode != "L":
-            im = im.convert("L")
-        return np.asarray(im, dtype=np.uint8).copy()
+        grey = im if im.mode == "L" else im.convert("L")
+        return np.asarray(grey, dtype=np.uint8).copy()
 
 
 def read_unit_png(path: Path) -> FloatArray:
@@ -88,8 +89,7 @@ def list_pairs(pairs_dir: Path, cases: set[str] | None = None) -> list[PairFiles
 
 def read_dicom_series(directory: Path) -> npt.NDArray[np.float32]:
     """Read a DICOM series directory with SimpleITK to a (Z, Y, X) float32 array."""
-    import SimpleITK as sitk
-
+    sitk: Any = importlib.import_module("SimpleITK")
     reader = sitk.ImageSeriesReader()
     files = reader.GetGDCMSeriesFileNames(str(directory))
     if not files:
@@ -200,3 +200,12 @@ def random_crop_batch(
             patch = patch[::-1, :]
         out[k, 0] = patch
     return out
+
+
+def write_grey_png(path: Path, pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]) -> None:
+    """Write a 2-D uint8 or uint16 array as a grey PNG (parent directories are created)."""
+    arr = np.asarray(pixels)
+    if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
+        raise InputError(f"expected a 2-D uint8/uint16 array, got {arr.dtype} {arr.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(arr)).save(path)  # uint8 -> "L", uint16 -> "I;16"

@@ -1,5 +1,12 @@
 """Exception classes of the fusion engine."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fusion_engine.registration import RegistrationQuality
+
 
 class FusionEngineError(Exception):
     """Base class of every error raised by fusion_engine."""
@@ -14,4 +21,12 @@ class InputError(FusionEngineError, ValueError):
 
 
 class RegistrationError(FusionEngineError):
-    """Registration could not run or its result is unreliable."""
+    """Registration could not run or its result is unreliable.
+
+    ``quality`` is the :class:`fusion_engine.registration.RegistrationQuality` of the rejected
+    result when there was one (``None`` when registration could not run at all).
+    """
+
+    def __init__(self, message: str, *, quality: RegistrationQuality | None = None) -> None:
+        super().__init__(message)
+        self.quality = quality

@@ -25,14 +25,19 @@ _PEAK = 255.0
 # Q_abf constants (Xydeas & Petrovic 2000).
 _TG, _KG, _DG = 0.9994, -15.0, 0.5
 _TA, _KA, _DA = 0.9879, -22.0, 0.8
-_SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-_SOBEL_Y = _SOBEL_X.T.copy()
+# Correlation kernels equal to MATLAB conv2(img, [-1 0 1; -2 0 2; -1 0 1], 'same') for s_x and
+# conv2(img, [1 2 1; 0 0 0; -1 -2 -1], 'same') for s_y (the VIFB code). The signs matter: the
+# orientation is pi/2 where s_x = 0 but atan(s_y/s_x) elsewhere, which is not symmetric under a
+# sign flip of s_x; with the opposite sign Q_abf moves by up to 0.7 % on the golden set.
+_SOBEL_X = np.array([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+_SOBEL_Y = np.array([[-1.0, -2.0, -1.0], [0.0, 0.0, 0.0], [1.0, 2.0, 1.0]])
 
 # VIFF constants (Han et al. 2013).
 _VIFF_SIGMA_N_SQ = 0.005 * 255.0 * 255.0
 _VIFF_C = 1e-7
 _VIFF_WEIGHTS = (1.0 / 2.15, 0.0, 0.15 / 2.15, 1.0 / 2.15)
 _VIFF_EPS = 1e-10
+_VIFF_MIN_SIZE = 41  # smallest side for which all four valid-filtered scales are non-empty
 
 
 # --------------------------------------------------------------------------- input checks
@@ -64,8 +69,8 @@ def _as_images(*named: tuple[npt.ArrayLike, str]) -> list[FloatArray]:
 
 
 def _grey_levels(x: FloatArray, name: str) -> npt.NDArray[np.intp]:
-    """Round to integer grey levels and check they lie in 0..255."""
-    levels = np.rint(x)
+    """Round half up (MATLAB ``round`` for non-negative values) and check for 0..255."""
+    levels = np.floor(x + 0.5)
     if levels.min() < 0 or levels.max() > 255:
         raise InputError(f"{name}: grey levels must lie in 0..255 for histogram metrics")
     return levels.astype(np.intp)
@@ -77,8 +82,9 @@ def _grey_levels(x: FloatArray, name: str) -> npt.NDArray[np.intp]:
 def _gaussian_1d(size: int, sigma: float) -> FloatArray:
     """Normalised 1-D Gaussian; its outer product equals MATLAB ``fspecial('gaussian')``."""
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-    g = np.exp(-(x * x) / (2.0 * sigma * sigma))
-    return g / g.sum()
+    g: FloatArray = np.exp(-(x * x) / (2.0 * sigma * sigma))
+    result: FloatArray = g / g.sum()
+    return result
 
 
 def _filter_valid(x: FloatArray, w: FloatArray) -> FloatArray:
@@ -91,10 +97,10 @@ def _filter_valid(x: FloatArray, w: FloatArray) -> FloatArray:
     cols = x.shape[1] - n + 1
     if rows < 1 or cols < 1:
         raise InputError(f"image {x.shape} is smaller than the {n}x{n} filter window")
-    tmp = w[0] * x[:rows, :]
+    tmp: FloatArray = w[0] * x[:rows, :]
     for k in range(1, n):
         tmp = tmp + w[k] * x[k : k + rows, :]
-    out = w[0] * tmp[:, :cols]
+    out: FloatArray = w[0] * tmp[:, :cols]
     for k in range(1, n):
         out = out + w[k] * tmp[:, k : k + cols]
     return out
@@ -276,10 +282,17 @@ def _viff_scales(
 
 
 def viff(a: npt.ArrayLike, b: npt.ArrayLike, f: npt.ArrayLike) -> float:
-    """Visual information fidelity for fusion (Han, Cai, Cao, Xu 2013)."""
+    """Visual information fidelity for fusion (Han, Cai, Cao, Xu 2013).
+
+    Four scales with Gaussian windows of 17, 9, 5 and 3 pixels (sigma = size / 5), valid
+    filtering and 2x downsampling; per coefficient the source with the smaller gain is kept.
+    """
     xa, xb, xf = _as_images((a, "a"), (b, "b"), (f, "f"))
-    if min(xa.shape) < 2 ** 4 * 2 + 17:
-        raise InputError(f"VIFF needs images of at least 49x49 pixels, got {xa.shape}")
+    if min(xa.shape) < _VIFF_MIN_SIZE:
+        raise InputError(
+            f"VIFF needs images of at least {_VIFF_MIN_SIZE}x{_VIFF_MIN_SIZE} pixels, "
+            f"got {xa.shape}"
+        )
     sa = _viff_scales(xa, xf)
     sb = _viff_scales(xb, xf)
     total = 0.0

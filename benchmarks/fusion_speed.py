@@ -1,0 +1,134 @@
+"""Fusion throughput against this machine's fp32 GEMM rate.
+
+Usage: ``python benchmarks/fusion_speed.py [--threads N] [--batch 4] [--slices 16] [--size 512]``
+
+1. torch fp32 matrix multiply 2048 x 2048 (same thread count): GFLOP/s = 2 n^3 / t.
+2. ``fusion_engine`` fusion of size x size slices with the shipped weights, for each precision
+   path (fp32 NCHW, channels_last fp32, bf16 channels_last where the CPU supports it):
+   ms per slice and effective GFLOP/s = 2 x multiply-adds of (two extractors + one
+   reconstructor) x pixels / time, and the ratio of that to the GEMM rate.
+   PSNR of each path against fp32 is printed too (the issue allows fast paths >= 45 dB).
+
+Timings are medians of repeated runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusion_engine.inference import LoadedModel, fuse, load_model
+from fusion_engine.model import FUSION_STRATEGIES, macs_per_pixel
+
+
+def cpu_flags() -> set[str]:
+    """CPU feature flags from /proc/cpuinfo (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 is worth timing on CUDA and on CPUs with native bf16 dot products."""
+    if device.type == "cuda":
+        return True
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
+    """fp32 matrix-multiply rate of torch in GFLOP/s."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    t = median_time(lambda: torch.mm(a, b, out=c), repeats)
+    return 2.0 * n**3 / t / 1e9
+
+
+def main() -> None:
+    """Run the benchmark and print a table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--batch", type=int, default=4, help="slices per forward pass")
+    p.add_argument("--slices", type=int, default=8, help="slices per timed run")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    threads = torch.get_num_threads()
+    flags = cpu_flags()
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"threads {threads}, device {device}"
+    )
+    print("CPU bf16 support:", ", ".join(sorted({"avx512_bf16", "amx_bf16"} & flags)) or "none")
+
+    gemm = gemm_gflops(device=args.device)
+    print(f"fp32 GEMM 2048x2048: {gemm:.1f} GFLOP/s")
+
+    ext, rec = macs_per_pixel(load_model("cpu", "fp32").net)
+    flop_per_slice = 2.0 * (2 * ext + rec) * args.size**2
+    print(
+        f"network: {ext} + {ext} + {rec} multiply-adds per pixel "
+        f"= {flop_per_slice / 1e9:.2f} GFLOP per {args.size}x{args.size} slice"
+    )
+
+    rng = np.random.default_rng(0)
+    ct = rng.random((args.slices, args.size, args.size), dtype=np.float32)
+    mr = rng.random((args.slices, args.size, args.size), dtype=np.float32)
+    paths = ["fp32", "channels_last"] + (["bf16"] if bf16_supported(device) else [])
+    ref = fuse(ct, mr, device=args.device, precision="fp32", batch_size=args.batch)
+    print()
+    print(f"{'path':<15}{'ms/slice':>10}{'GFLOP/s':>10}{'x GEMM':>8}{'PSNR vs fp32':>14}")
+    fusion = FUSION_STRATEGIES["mean-attention"]
+    for prec in paths:
+        model = load_model(args.device, prec)
+        ta = torch.from_numpy(ct)[:, None]
+        tb = torch.from_numpy(mr)[:, None]
+
+        def run(model: LoadedModel = model, ta: torch.Tensor = ta, tb: torch.Tensor = tb) -> None:
+            with torch.inference_mode():
+                for s in range(0, args.slices, args.batch):
+                    model.run(ta[s : s + args.batch], tb[s : s + args.batch], fusion)
+
+        t = median_time(run, args.repeats, warmup=1)
+        per_slice = t / args.slices
+        gflops = flop_per_slice / per_slice / 1e9
+        out = fuse(ct, mr, device=args.device, precision=prec, batch_size=args.batch)
+        mse = float(np.mean((out.astype(np.float64) - ref) ** 2))
+        psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+        print(
+            f"{prec:<15}{per_slice * 1e3:>10.1f}{gflops:>10.1f}{gflops / gemm:>8.2f}"
+            f"{psnr:>12.1f} dB"
+        )
+
+
+if __name__ == "__main__":
+    main()

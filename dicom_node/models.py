@@ -1,0 +1,265 @@
+"""SQLAlchemy table classes of the index (the only module that defines tables).
+
+Schema version 1: patients, studies, series, instances. Patient names live only here (never
+in INFO logs). Later versions add their tables here and a step in :mod:`dicom_node.db`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+class SchemaVersion(Base):
+    """One row: the schema version the database has been migrated to."""
+
+    __tablename__ = "schema_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    migrated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Patient(Base):
+    """A patient, identified by PatientID within IssuerOfPatientID ('' when absent)."""
+
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    birth_date: Mapped[str | None] = mapped_column(String(8))
+    sex: Mapped[str | None] = mapped_column(String(16))
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    """A study (StudyInstanceUID) of one patient."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    """A received series, with what pairing needs and its completion state.
+
+    ``state`` is ``receiving`` while instances arrive; the pairing module sets it (and
+    ``completed_at``) once the series has been quiet long enough.
+    """
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), index=True)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_date: Mapped[str | None] = mapped_column(String(8))
+    series_time: Mapped[str | None] = mapped_column(String(16))
+    frame_of_reference_uid: Mapped[str | None] = mapped_column(UID)
+    image_orientation_patient: Mapped[str | None] = mapped_column(String(128))
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    image_type: Mapped[str | None] = mapped_column(String(128))
+    number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """One stored file. ``path`` is relative to ``storage.root``.
+
+    ``sha256`` is the digest of the dataset bytes as received (after the file meta), so the
+    same instance re-sent by another AE compares equal.
+    """
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(512))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    image_position_patient: Mapped[str | None] = mapped_column(String(128))
+    slice_position: Mapped[float | None] = mapped_column(Float)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    calling_aet: Mapped[str] = mapped_column(String(16))
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+SCHEMA_V1_TABLES = (SchemaVersion, Patient, Study, Series, Instance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration tables (issue 5: series completion, pairing, jobs, sends).
+# Owned by the orchestration code (pairing.py, jobs.py, dispatch.py, retention.py); appended
+# here so every table class lives in this one module. Times are naive UTC like the rest.
+# ---------------------------------------------------------------------------------------------
+
+from sqlalchemy import Text  # noqa: E402  (kept with the section it serves)
+
+
+class SeriesProgress(Base):
+    """Completion bookkeeping of one received series: quiet period passed, revision, content."""
+
+    __tablename__ = "series_progress"
+
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    fingerprint: Mapped[str] = mapped_column(String(64), default="")
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_received_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class PairingDecision(Base):
+    """One pairing decision for a CT series revision: paired, waiting, expired or ignored."""
+
+    __tablename__ = "pairing_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ct_series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    ct_revision: Mapped[int] = mapped_column(Integer, default=1)
+    mr_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    decided_at: Mapped[datetime] = mapped_column(DateTime)
+    window_closes_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Job(Base):
+    """A CT-MR fusion job: registering, fusing, writing and sending one pair."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    ct_series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    mr_series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    ct_revision: Mapped[int] = mapped_column(Integer, default=1)
+    mr_revision: Mapped[int] = mapped_column(Integer, default=1)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    pairing_reason: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    not_before: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    output_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    cleaned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    stages: Mapped[list[JobStage]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="JobStage.id"
+    )
+    sends: Mapped[list[Send]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Send.id"
+    )
+
+
+class JobStage(Base):
+    """One stage of one attempt of a job, with its start and end times and error."""
+
+    __tablename__ = "job_stages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    stage: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="stages")
+
+
+class Send(Base):
+    """The send of one job's derived objects to one destination, with its own retries."""
+
+    __tablename__ = "sends"
+    __table_args__ = (UniqueConstraint("job_id", "destination", name="uq_sends_job_destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kinds: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16), index=True, default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    acked: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="sends")
+    acks: Mapped[list[SentInstance]] = relationship(
+        back_populates="send", cascade="all, delete-orphan"
+    )
+
+
+class SentInstance(Base):
+    """One derived instance a destination acknowledged with Success (never sent again)."""
+
+    __tablename__ = "sent_instances"
+    __table_args__ = (UniqueConstraint("send_id", "sop_instance_uid", name="uq_sent_instance"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    send_id: Mapped[int] = mapped_column(ForeignKey("sends.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    acked_at: Mapped[datetime] = mapped_column(DateTime)
+
+    send: Mapped[Send] = relationship(back_populates="acks")
+
+
+SCHEMA_V2_TABLES = (SeriesProgress, PairingDecision, Job, JobStage, Send, SentInstance)

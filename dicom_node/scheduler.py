@@ -1,0 +1,126 @@
+"""Periodic work of ``dicom-node serve`` on apscheduler: completion scan, send retries,
+restart recovery, retention and supervision of the embedded worker.
+
+Every task runs in apscheduler's thread pool inside the serve process (never in the SCP's
+handler threads), with ``max_instances=1`` and ``coalesce=True`` so a slow tick never piles up.
+A task that raises is logged and runs again at its next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import dispatch, jobs, pairing, retention
+from dicom_node.config import NodeConfig
+
+log = logging.getLogger(__name__)
+
+SEND_RETRY_INTERVAL = 1.0
+SUPERVISE_INTERVAL = 2.0
+RETENTION_INTERVAL = 3600.0
+
+
+class NodeScheduler:
+    """The serve process's scheduler; :meth:`reload` swaps in a new config."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        sessions: sessionmaker[Session],
+        *,
+        supervise: Callable[[], None] | None = None,
+    ) -> None:
+        """Schedule the node's periodic tasks for ``config`` (started by :meth:`start`)."""
+        self.config = config
+        self.sessions = sessions
+        self._supervise = supervise
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:scheduler"
+        # apscheduler logs every run at INFO: keep it to warnings
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
+        )
+
+    def start(self) -> None:
+        """Start the tasks (the first scan and recovery run at once)."""
+        cfg = jobs.settings(self.config)
+        now = datetime.now(UTC)
+        add = self._scheduler.add_job
+        add(self.scan, "interval", seconds=cfg.scan_interval_seconds, id="scan", next_run_time=now)
+        add(self.retry_sends, "interval", seconds=SEND_RETRY_INTERVAL, id="sends")
+        add(self.recover, "interval", seconds=max(0.5, cfg.lease_seconds / 2), id="recover",
+            next_run_time=now)
+        add(self.retention, "interval", seconds=RETENTION_INTERVAL, id="retention",
+            next_run_time=now)
+        if self._supervise is not None:
+            add(self.supervise, "interval", seconds=SUPERVISE_INTERVAL, id="supervise")
+        self._scheduler.start()
+        log.info("scheduler started (scan every %.1fs, quiet period %.1fs)",
+                 cfg.scan_interval_seconds, self.config.pairing.series_quiet_seconds)
+
+    def stop(self) -> None:
+        """Stop the tasks, waiting for running ones."""
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+
+    def reload(self, config: NodeConfig) -> None:
+        """Use ``config`` from the next tick on (quiet periods, rules, routing, retention)."""
+        old = jobs.settings(self.config)
+        self.config = config
+        new = jobs.settings(config)
+        if new.scan_interval_seconds != old.scan_interval_seconds and self._scheduler.running:
+            self._scheduler.reschedule_job("scan", trigger="interval",
+                                           seconds=new.scan_interval_seconds)
+
+    # ------------------------------------------------------------------ tasks
+    def scan(self) -> None:
+        """Complete quiet series and pair (see :func:`dicom_node.pairing.scan`)."""
+        try:
+            result = pairing.scan(self.sessions, self.config)
+        except Exception:
+            log.exception("completion/pairing scan failed")
+            return
+        if result.jobs:
+            log.info("scan: %d series complete, jobs queued: %s", len(result.completed),
+                     ", ".join(str(j) for j in result.jobs))
+
+    def retry_sends(self) -> None:
+        """Run due per-destination send retries and close jobs whose sends ended."""
+        try:
+            dispatch.retry_due_sends(self.sessions, self.config, self.owner)
+        except Exception:
+            log.exception("send retries failed")
+
+    def recover(self) -> None:
+        """Requeue jobs of workers whose heartbeat stopped."""
+        try:
+            jobs.recover_stale(self.sessions, jobs.settings(self.config),
+                               local_host=socket.gethostname())
+        except Exception:
+            log.exception("stale job recovery failed")
+
+    def retention(self) -> None:
+        """Delete data of jobs done more than ``retention.days`` ago (when enabled)."""
+        if not self.config.retention.enabled:
+            return
+        try:
+            retention.clean(self.sessions, self.config)
+        except Exception:
+            log.exception("retention clean-up failed")
+
+    def supervise(self) -> None:
+        """Restart the embedded worker if it died."""
+        if self._supervise is None:
+            return
+        try:
+            self._supervise()
+        except Exception:
+            log.exception("worker supervision failed")

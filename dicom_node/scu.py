@@ -1,0 +1,501 @@
+"""pynetdicom client: C-ECHO and C-STORE to a destination, checking every returned status.
+
+Sending (:func:`send_files`, :func:`send_datasets`):
+
+* Instances are grouped by SeriesInstanceUID; each series goes over its own association.
+* For every SOP class the association proposes the stored transfer syntax (its own presentation
+  context when compressed) and a context with the uncompressed fallbacks Explicit VR Little
+  Endian and Implicit VR Little Endian. When the peer accepts only an uncompressed syntax for a
+  compressed instance, the instance is decompressed (pydicom + pylibjpeg) before it is sent,
+  keeping its SOPInstanceUID (lossless decompression is the same instance).
+* Status 0x0000 is success; the warnings 0xB000, 0xB006 and 0xB007 count as success and are
+  logged; anything else, or no answer at all, is a failure for that instance.
+* Failed instances are retried with exponential backoff (``backoff_seconds * 2**n``) on a new
+  association, at most ``retries`` more times, and only those not yet acknowledged. Failures that
+  a retry cannot fix (SOP class or transfer syntax not accepted, a "cannot understand" or "data
+  set does not match" status, a permanent A-ASSOCIATE-RJ, an unreadable file) are not retried.
+* Any instance not acknowledged in the end makes the whole send a failure: :class:`SendError`
+  carrying ``sent``, ``failed`` (SOPInstanceUID or path -> reason) and ``attempts``.
+* One summary line per send at INFO (destination, instances, bytes, seconds, outcome); patient
+  identifiers never appear at INFO.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.events import EventHandlerType
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.errors import NetworkError, SendError
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+#: C-STORE warning statuses that still mean "stored" (coercion, element discarded, SOP mismatch).
+WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
+UNCOMPRESSED_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association
+
+
+class DestinationLike(Protocol):
+    """What the SCU needs of a destination (``config.Destination`` fits)."""
+
+    @property
+    def ae_title(self) -> str:
+        """Called AE title of the peer."""
+        ...
+
+    @property
+    def host(self) -> str:
+        """Host name or address of the peer."""
+        ...
+
+    @property
+    def port(self) -> int:
+        """TCP port of the peer."""
+        ...
+
+
+@dataclass
+class SendResult:
+    """Outcome of a send in which every instance was acknowledged.
+
+    ``sop_instance_uids`` lists the acknowledged instances in send order; ``attempts`` counts
+    association attempts over all series; ``bytes_sent`` counts the bytes written to the network
+    (PDUs), ``warnings`` maps SOPInstanceUID -> warning status, ``failures`` maps SOPInstanceUID
+    (or the path of an unreadable file) -> reason (empty unless the send failed).
+    """
+
+    sent: int
+    failed: int
+    sop_instance_uids: list[str]
+    seconds: float
+    attempts: int
+    bytes_sent: int = 0
+    warnings: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Item:
+    """One instance to send: a file (read at send time) or an in-memory dataset."""
+
+    sop_class: UID
+    sop_uid: str
+    series_uid: str
+    transfer_syntax: UID
+    path: Path | None = None
+    dataset: Dataset | None = None
+
+
+@dataclass
+class _State:
+    """Running totals of one send call."""
+
+    acked: list[str] = field(default_factory=list)
+    warnings: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    attempts: int = 0
+    bytes_sent: int = 0
+
+
+def describe(dest: DestinationLike) -> str:
+    """``AE@host:port`` of a destination, for messages."""
+    return f"{dest.ae_title}@{dest.host}:{dest.port}"
+
+
+def _make_ae(calling_aet: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    return ae
+
+
+class _Wire:
+    """Socket facts of one association: did TCP connect, how many bytes went out.
+
+    Its handlers also set ``TCP_NODELAY``: a C-STORE goes out as a small command PDU followed by
+    data PDUs, and with Nagle's algorithm and the peer's delayed ACK that can cost up to 40 ms
+    per instance.
+    """
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.bytes_sent = 0
+
+    def handlers(self) -> list[EventHandlerType]:
+        """pynetdicom ``evt_handlers`` for ``AE.associate``."""
+        return [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_DATA_SENT, self._on_sent)]
+
+    def _on_open(self, event: evt.Event) -> None:
+        self.connected = True
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:  # not fatal: only slower
+                log.debug("could not set TCP_NODELAY: %s", exc)
+
+    def _on_sent(self, event: evt.Event) -> None:
+        self.bytes_sent += len(event.data)
+
+    def why_not_established(self, assoc: Association, dest: DestinationLike) -> tuple[str, bool]:
+        """Why ``assoc`` was not established, and whether that is permanent."""
+        if not self.connected:
+            return f"cannot connect to {dest.host}:{dest.port}", False
+        if assoc.is_rejected:
+            prim = assoc.acceptor.primitive
+            result = getattr(prim, "result", None)
+            source = getattr(prim, "result_source", None)
+            diag = getattr(prim, "diagnostic", None)
+            permanent = result == 0x01
+            kind = "permanent" if permanent else "transient"
+            return f"association rejected ({kind}, source {source}, reason {diag})", permanent
+        if assoc.is_aborted:
+            return "association aborted by the peer", False
+        return "association not established (no answer)", False
+
+
+def echo(dest: DestinationLike, *, calling_aet: str, timeout: float = 10) -> None:
+    """C-ECHO ``dest``; raise :class:`NetworkError` unless it answers Success."""
+    ae = _make_ae(calling_aet, timeout)
+    ae.add_requested_context(Verification)
+    wire = _Wire()
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=wire.handlers())
+    if not assoc.is_established:
+        reason, _ = wire.why_not_established(assoc, dest)
+        raise NetworkError(f"echo {describe(dest)} failed: {reason}")
+    try:
+        rsp = assoc.send_c_echo()
+    except ValueError as exc:  # Verification context not accepted
+        raise NetworkError(f"echo {describe(dest)} failed: {exc}") from exc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    status = rsp.get("Status") if rsp else None
+    if status != STATUS_SUCCESS:
+        shown = "no response" if status is None else f"status 0x{int(status):04X}"
+        raise NetworkError(f"echo {describe(dest)} failed: {shown}")
+    log.info("echo %s ok", describe(dest))
+
+
+def send_files(
+    dest: DestinationLike,
+    paths: Sequence[Path | str],
+    *,
+    calling_aet: str,
+    retries: int = 3,
+    backoff_seconds: float = 1.0,
+    timeout: float = 30.0,
+) -> SendResult:
+    """C-STORE the DICOM files ``paths`` to ``dest``, one association per series.
+
+    Raises :class:`SendError` when any instance is not acknowledged after ``retries`` further
+    attempts (see the module docstring for statuses, fallbacks and retry rules).
+    """
+    items: list[_Item] = []
+    unreadable: dict[str, str] = {}
+    for raw in paths:
+        path = Path(raw)
+        try:
+            items.append(_item_from_file(path))
+        except (OSError, InvalidDicomError, AttributeError, KeyError, ValueError) as exc:
+            unreadable[str(path)] = f"unreadable: {exc}"
+    return _send(dest, items, unreadable, calling_aet, retries, backoff_seconds, timeout)
+
+
+def send_datasets(
+    dest: DestinationLike,
+    datasets: Iterable[Dataset],
+    *,
+    calling_aet: str,
+    retries: int = 3,
+    backoff_seconds: float = 1.0,
+    timeout: float = 30.0,
+) -> SendResult:
+    """C-STORE in-memory datasets (e.g. derived objects); same rules as :func:`send_files`.
+
+    A dataset without ``file_meta.TransferSyntaxUID`` is sent as Explicit VR Little Endian.
+    The datasets are not modified.
+    """
+    items = []
+    for ds in datasets:
+        meta = getattr(ds, "file_meta", None)
+        ts = UID(getattr(meta, "TransferSyntaxUID", None) or ExplicitVRLittleEndian)
+        items.append(
+            _Item(
+                sop_class=UID(ds.SOPClassUID),
+                sop_uid=str(ds.SOPInstanceUID),
+                series_uid=str(ds.get("SeriesInstanceUID", "")),
+                transfer_syntax=ts,
+                dataset=ds,
+            )
+        )
+    return _send(dest, items, {}, calling_aet, retries, backoff_seconds, timeout)
+
+
+def _item_from_file(path: Path) -> _Item:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is None:
+        implicit, little = ds.original_encoding
+        ts = ImplicitVRLittleEndian if implicit and little else ExplicitVRLittleEndian
+    return _Item(
+        sop_class=UID(ds.SOPClassUID),
+        sop_uid=str(ds.SOPInstanceUID),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        transfer_syntax=UID(ts),
+        path=path,
+    )
+
+
+def _send(
+    dest: DestinationLike,
+    items: list[_Item],
+    unreadable: dict[str, str],
+    calling_aet: str,
+    retries: int,
+    backoff_seconds: float,
+    timeout: float,
+) -> SendResult:
+    if retries < 0 or backoff_seconds < 0:
+        raise ValueError("retries and backoff_seconds must not be negative")
+    start = time.monotonic()
+    state = _State(failures=dict(unreadable))
+    series: dict[str, dict[str, _Item]] = {}
+    for item in items:
+        # The same SOPInstanceUID twice in one send is sent once.
+        series.setdefault(item.series_uid, {}).setdefault(item.sop_uid, item)
+    for series_uid, pending in series.items():
+        _send_series(
+            dest, series_uid, pending, calling_aet, retries, backoff_seconds, timeout, state
+        )
+    seconds = time.monotonic() - start
+    total = len(state.acked) + len(state.failures)
+    result = SendResult(
+        sent=len(state.acked),
+        failed=len(state.failures),
+        sop_instance_uids=state.acked,
+        seconds=seconds,
+        attempts=state.attempts,
+        bytes_sent=state.bytes_sent,
+        warnings=state.warnings,
+        failures=state.failures,
+    )
+    outcome = "ok" if not state.failures else "FAILED"
+    if state.warnings:
+        outcome += f" ({len(state.warnings)} with warnings)"
+    summary = (
+        f"send to {describe(dest)}: {result.sent}/{total} instances in {len(series)} series, "
+        f"{result.bytes_sent} bytes, {seconds:.2f} s, {result.attempts} association(s), {outcome}"
+    )
+    if state.failures:
+        log.warning(summary)
+        first = next(iter(state.failures.items()))
+        raise SendError(
+            f"{summary}; {result.failed} failed, e.g. {first[0]}: {first[1]}",
+            sent=result.sent,
+            failed=state.failures,
+            attempts=result.attempts,
+        )
+    log.info(summary)
+    return result
+
+
+def _send_series(
+    dest: DestinationLike,
+    series_uid: str,
+    pending: dict[str, _Item],
+    calling_aet: str,
+    retries: int,
+    backoff_seconds: float,
+    timeout: float,
+    state: _State,
+) -> None:
+    """Send one series, retrying the instances not yet acknowledged."""
+    reasons: dict[str, str] = {}
+    for attempt in range(retries + 1):
+        if attempt:
+            delay = backoff_seconds * 2 ** (attempt - 1)
+            log.info(
+                "series %s: %d instance(s) not acknowledged by %s, retry %d/%d in %.1f s",
+                series_uid,
+                len(pending),
+                describe(dest),
+                attempt,
+                retries,
+                delay,
+            )
+            time.sleep(delay)
+        state.attempts += 1
+        stop = _one_association(dest, pending, reasons, calling_aet, timeout, state)
+        if not pending or stop:
+            break
+    for sop_uid in pending:
+        state.failures[sop_uid] = reasons.get(sop_uid, "not sent")
+
+
+def _contexts(items: Iterable[_Item]) -> list[PresentationContext]:
+    """Per SOP class: each compressed stored syntax alone, plus the uncompressed fallbacks."""
+    compressed: dict[UID, list[UID]] = {}
+    for item in items:
+        syntaxes = compressed.setdefault(item.sop_class, [])
+        ts = item.transfer_syntax
+        if ts not in UNCOMPRESSED_SYNTAXES and ts not in syntaxes:
+            syntaxes.append(ts)
+    contexts: list[PresentationContext] = []
+    for sop_class, syntaxes in compressed.items():
+        contexts.extend(build_context(sop_class, ts) for ts in syntaxes)
+        contexts.append(build_context(sop_class, list(UNCOMPRESSED_SYNTAXES)))
+    if len(contexts) > MAX_CONTEXTS:
+        raise SendError(f"series needs {len(contexts)} presentation contexts (max {MAX_CONTEXTS})")
+    return contexts
+
+
+def _one_association(
+    dest: DestinationLike,
+    pending: dict[str, _Item],
+    reasons: dict[str, str],
+    calling_aet: str,
+    timeout: float,
+    state: _State,
+) -> bool:
+    """Send ``pending`` over one association, removing acknowledged or hopeless instances.
+
+    Returns True when retrying cannot help (permanent association rejection).
+    """
+    ae = _make_ae(calling_aet, timeout)
+    wire = _Wire()
+    assoc = ae.associate(
+        dest.host,
+        dest.port,
+        contexts=_contexts(pending.values()),
+        ae_title=dest.ae_title,
+        evt_handlers=wire.handlers(),
+    )
+    if not assoc.is_established:
+        reason, permanent = wire.why_not_established(assoc, dest)
+        log.warning("send to %s: %s", describe(dest), reason)
+        for sop_uid in pending:
+            reasons[sop_uid] = reason
+        state.bytes_sent += wire.bytes_sent
+        return permanent
+    accepted = assoc.accepted_contexts
+    for sop_uid in pending:
+        reasons[sop_uid] = "association ended before it was sent"
+    try:
+        for msg_id, item in enumerate(list(pending.values()), start=1):
+            if not assoc.is_established:
+                break
+            _store_one(assoc, item, msg_id % 65536, accepted, pending, reasons, state)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        state.bytes_sent += wire.bytes_sent
+    return False
+
+
+def _store_one(
+    assoc: Association,
+    item: _Item,
+    msg_id: int,
+    accepted: list[PresentationContext],
+    pending: dict[str, _Item],
+    reasons: dict[str, str],
+    state: _State,
+) -> None:
+    """C-STORE one instance and file its outcome."""
+    syntaxes = {
+        UID(cx.transfer_syntax[0]) for cx in accepted if cx.abstract_syntax == item.sop_class
+    }
+    uid = item.sop_uid
+    if not syntaxes:
+        _give_up(uid, f"SOP class {item.sop_class.name} not accepted by the peer", pending, state)
+        return
+    ts = item.transfer_syntax
+    decompress = ts not in syntaxes and ts.is_compressed
+    if decompress and not syntaxes & set(UNCOMPRESSED_SYNTAXES):
+        _give_up(uid, f"transfer syntax {ts.name} not accepted by the peer", pending, state)
+        return
+    try:
+        ds = _load(item, decompress)
+    except Exception as exc:  # any read/decode error fails this instance only
+        _give_up(uid, f"cannot read/decode for sending: {exc}", pending, state)
+        return
+    try:
+        rsp = assoc.send_c_store(ds, msg_id=msg_id)
+    except (ValueError, AttributeError) as exc:  # no usable context / cannot encode
+        _give_up(uid, f"cannot send: {exc}", pending, state)
+        return
+    status = rsp.get("Status") if rsp else None
+    if status is None:
+        reasons[uid] = "no response from the peer (timeout or abort)"
+        return
+    status = int(status)
+    if status == STATUS_SUCCESS or status in WARNING_STATUSES:
+        if status != STATUS_SUCCESS:
+            comment = rsp.get("ErrorComment", "")
+            log.warning("instance %s stored with warning 0x%04X %s", uid, status, comment)
+            state.warnings[uid] = status
+        del pending[uid]
+        state.acked.append(uid)
+        return
+    comment = rsp.get("ErrorComment", "")
+    reason = f"status 0x{status:04X}" + (f" ({comment})" if comment else "")
+    if _is_permanent(status):
+        _give_up(uid, reason, pending, state)
+    else:
+        reasons[uid] = reason
+    log.debug("instance %s failed: %s", uid, reason)
+
+
+def _give_up(uid: str, reason: str, pending: dict[str, _Item], state: _State) -> None:
+    del pending[uid]
+    state.failures[uid] = reason
+    log.debug("instance %s not retried: %s", uid, reason)
+
+
+def _is_permanent(status: int) -> bool:
+    """Failure statuses a resend cannot fix (data set / SOP class problems)."""
+    return (
+        0xA900 <= status <= 0xA9FF
+        or 0xC000 <= status <= 0xCFFF
+        or status in (0x0117, 0x0122, 0x0124, 0x0211, 0x0212)
+    )
+
+
+def _load(item: _Item, decompress: bool) -> Dataset:
+    """The full dataset of ``item``, decompressed when the peer takes only uncompressed."""
+    ds: Dataset
+    if item.path is not None:
+        ds = pydicom.dcmread(item.path)
+    elif item.dataset is not None:
+        ds = copy.deepcopy(item.dataset) if decompress else item.dataset
+        meta = getattr(ds, "file_meta", None)
+        if meta is None or "TransferSyntaxUID" not in meta:
+            # Give pynetdicom a transfer syntax without touching the caller's dataset.
+            ds = copy.copy(ds)
+            ds.file_meta = FileMetaDataset(meta) if meta is not None else FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = item.transfer_syntax
+    else:
+        raise ValueError("nothing to send")
+    if decompress:
+        ds.decompress(generate_instance_uid=False)
+    return ds

@@ -1,0 +1,193 @@
+"""The ``fusion-engine`` command: fuse, fuse-pairs, evaluate, train, export-weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fusion_engine.errors import FusionEngineError
+
+log = logging.getLogger(__name__)
+
+
+def _window(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError("window must be CENTER,WIDTH (HU)")
+    return float(parts[0]), float(parts[1])
+
+
+def _cases(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fusion-engine``."""
+    from fusion_engine.data import DEFAULT_VAL_CASES, default_data_root
+    from fusion_engine.inference import STRATEGIES
+
+    p = argparse.ArgumentParser(prog="fusion-engine", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fuse", help="fuse one CT/MR pair of grey PNGs (8 or 16 bit)")
+    f.add_argument("ct", type=Path)
+    f.add_argument("mr", type=Path)
+    f.add_argument("-o", "--output", type=Path, required=True)
+    f.add_argument("--strategy", default="mean-attention", choices=STRATEGIES)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--bits", type=int, choices=(8, 16), default=None,
+                   help="output bit depth (default: that of the CT input)")
+
+    fp = sub.add_parser("fuse-pairs", help="fuse DIR/CT/*.png with DIR/MRI/*.png")
+    fp.add_argument("--pairs", type=Path, required=True)
+    fp.add_argument("--out", type=Path, required=True)
+    fp.add_argument("--strategy", default="mean-attention", choices=STRATEGIES)
+    fp.add_argument("--device", default="auto")
+    fp.add_argument("--cases", type=_cases, default=None, help="only these cases, e.g. 21,34")
+
+    e = sub.add_parser("evaluate", help="Table-2 style report: strategies vs baselines")
+    e.add_argument("--pairs", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--cases", type=_cases, default=None,
+                   help="comma separated cases to evaluate (default: all pairs)")
+    e.add_argument("--split", choices=("all", "val"), default="all",
+                   help=f"'val' = the validation cases {','.join(DEFAULT_VAL_CASES)}")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--grid", type=int, default=4, help="pairs shown in the PNG grid")
+    e.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("train", help="train the autoencoder (paper recipe)")
+    t.add_argument("--data", type=Path, default=default_data_root())
+    t.add_argument("--out", type=Path, required=True, help="run directory")
+    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--crop", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-cases", type=_cases, default=DEFAULT_VAL_CASES)
+    t.add_argument("--val-every", type=int, default=100)
+    t.add_argument("--no-phantom", action="store_true", help="AANLIB only")
+    t.add_argument("--max-phantom-slices", type=int, default=None)
+    t.add_argument("--ct-window", type=_window, action="append", default=None,
+                   help="CT window(s) CENTER,WIDTH for phantom CT slices (repeatable)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--time-budget-min", type=float, default=None,
+                   help="stop (with checkpoints) after this many minutes of training")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--no-progress", action="store_true")
+
+    x = sub.add_parser("export-weights", help="checkpoint -> fusion_engine/weights/")
+    x.add_argument("checkpoint", type=Path)
+    x.add_argument("--dest", type=Path, default=Path(__file__).parent / "weights")
+    return p
+
+
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fusion_engine.data import read_grey_png, write_grey_png
+    from fusion_engine.inference import fuse
+    from fusion_engine.intensity import png_to_unit, unit_to_uint8, unit_to_uint16
+
+    ct_raw, mr_raw = read_grey_png(args.ct), read_grey_png(args.mr)
+    if ct_raw.shape != mr_raw.shape:
+        raise FusionEngineError(f"CT {ct_raw.shape} and MR {mr_raw.shape} differ in size")
+    fused = fuse(png_to_unit(ct_raw), png_to_unit(mr_raw), strategy=args.strategy,
+                 device=args.device)
+    bits = args.bits or (16 if ct_raw.dtype == np.uint16 else 8)
+    out = unit_to_uint16(fused) if bits == 16 else unit_to_uint8(fused)
+    write_grey_png(args.output, out)
+    print(f"wrote {args.output} ({bits}-bit, strategy {args.strategy})")
+    return 0
+
+
+def _cmd_fuse_pairs(args: argparse.Namespace) -> int:
+    import numpy as np
+    from rich.progress import Progress
+
+    from fusion_engine.data import list_pairs, read_unit_png, write_grey_png
+    from fusion_engine.inference import fuse
+    from fusion_engine.intensity import unit_to_uint8
+
+    pairs = list_pairs(args.pairs, set(args.cases) if args.cases else None)
+    if not pairs:
+        raise FusionEngineError(f"no matching CT/MRI pairs in {args.pairs}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with Progress() as bar:
+        task = bar.add_task("fusing", total=len(pairs))
+        for p in pairs:
+            ct, mr = read_unit_png(p.ct), read_unit_png(p.mr)
+            if ct.shape != mr.shape:
+                raise FusionEngineError(f"{p.name}: CT {ct.shape} and MR {mr.shape} differ")
+            fused = fuse(ct, mr, strategy=args.strategy, device=args.device)
+            write_grey_png(args.out / f"{p.name}.png", unit_to_uint8(np.asarray(fused)))
+            bar.advance(task)
+    print(f"wrote {len(pairs)} fused images to {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fusion_engine.data import DEFAULT_VAL_CASES
+    from fusion_engine.evaluate import evaluate
+
+    cases = args.cases
+    if cases is None and args.split == "val":
+        cases = DEFAULT_VAL_CASES
+    report = evaluate(args.pairs, args.out, cases=cases, device=args.device,
+                      grid_pairs=args.grid, progress=not args.no_progress)
+    print(report.markdown)
+    print(f"report written to {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fusion_engine.train import TrainConfig, train
+
+    windows = tuple(args.ct_window) if args.ct_window else ((40.0, 400.0),)
+    cfg = TrainConfig(
+        data=str(args.data), out=str(args.out), steps=args.steps, batch_size=args.batch_size,
+        crop=args.crop, lr=args.lr, seed=args.seed, val_cases=tuple(args.val_cases),
+        val_every=args.val_every, use_phantom=not args.no_phantom, ct_windows=windows,
+        max_phantom_slices=args.max_phantom_slices, device=args.device, threads=args.threads,
+        time_budget_s=None if args.time_budget_min is None else args.time_budget_min * 60.0,
+    )
+    res = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"steps {res.steps} in {res.seconds:.0f} s; best step {res.best_step}: val loss "
+          f"{res.best_val_loss:.4f}, SSIM {res.best_val_ssim:.4f}, PSNR {res.best_val_psnr:.2f} dB")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fusion_engine.train import export_weights
+
+    digest = export_weights(args.checkpoint, args.dest)
+    print(f"exported {args.checkpoint} -> {args.dest} sha256 {digest}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fusion-engine``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    handlers = {
+        "fuse": _cmd_fuse,
+        "fuse-pairs": _cmd_fuse_pairs,
+        "evaluate": _cmd_evaluate,
+        "train": _cmd_train,
+        "export-weights": _cmd_export,
+    }
+    try:
+        return handlers[args.command](args)
+    except FusionEngineError as exc:
+        print(f"fusion-engine: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

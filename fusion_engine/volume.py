@@ -1,0 +1,133 @@
+"""Fusion of a whole CT volume with the MR resampled onto its grid, slice by slice.
+
+:func:`fuse_volume` prepares the intensities exactly as the model was trained
+(:func:`fusion_engine.intensity.ct_to_unit` with the CT window and the MR's robust percentile
+scaling from :func:`fusion_engine.intensity.mr_scale`, computed once over the MR voxels inside
+its data mask for the whole volume, so slices are scaled alike) and feeds axial slices to
+:func:`fusion_engine.inference.fuse` in batches.
+
+Policy where the MR has no data (outside its field of view or beyond its slab): the fused
+image holds the CT-window image alone (``ct_to_unit(hu, ct_window)``). Fusing CT with an empty
+MR would darken soft tissue and look like a signal void, which a planner could misread; the
+CT window is the honest picture of what is known. Slices without any MR data are not sent
+through the network at all. Callers say this in the output's description
+("CT only outside MR").
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+
+from fusion_engine.errors import InputError
+from fusion_engine.intensity import (
+    DEFAULT_CT_WINDOW,
+    DEFAULT_MR_PERCENTILES,
+    ct_to_unit,
+    mr_scale,
+)
+
+OUTSIDE_MR_POLICY = "CT window only where the MR has no data"
+"""One-line statement of what the fused volume holds outside the MR's data mask."""
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
+
+
+def _interpolate_between(volume: npt.NDArray[np.float32], done: Sequence[int]) -> None:
+    """Fill slices strictly between consecutive ``done`` indices linearly, in place."""
+    for lo, hi in itertools.pairwise(done):
+        for z in range(lo + 1, hi):
+            w = np.float32((z - lo) / (hi - lo))
+            volume[z] = (1 - w) * volume[lo] + w * volume[hi]
+
+
+def fuse_volume(
+    ct_hu: sitk.Image,
+    mr_on_ct: sitk.Image,
+    mr_mask: sitk.Image,
+    *,
+    strategy: str = "mean-attention",
+    device: str = "auto",
+    batch_size: int = 8,
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW,
+    progress: Callable[[int, int], None] | None = None,
+    slices: Sequence[int] | None = None,
+    threads: int | None = None,
+    mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES,
+) -> sitk.Image:
+    """Fuse CT (HU) and MR (on the CT grid) axial slice by slice; float32 [0, 1] on the CT grid.
+
+    ``mr_mask`` is 1 where the MR has data. Outside it the result is the CT-window image
+    (see the module docstring). ``slices`` restricts the work to those z indices (a CT with
+    gaps on a regular lattice: the real slices); slices between two of them are linearly
+    interpolated from those two, slices outside their range hold the CT-window image.
+    ``progress(done, total)`` is called after every batch.
+    """
+    from fusion_engine.inference import fuse  # torch is imported only when fusing
+
+    for image, what in ((ct_hu, "CT"), (mr_on_ct, "MR"), (mr_mask, "MR mask")):
+        if not isinstance(image, sitk.Image) or image.GetDimension() != 3:
+            raise InputError(f"{what} must be a 3-D SimpleITK image")
+    if not (_same_grid(ct_hu, mr_on_ct) and _same_grid(ct_hu, mr_mask)):
+        raise InputError("CT, MR and MR mask must share one grid (resample the MR first)")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+
+    ct = sitk.GetArrayViewFromImage(ct_hu)
+    mr = sitk.GetArrayViewFromImage(mr_on_ct)
+    mask = sitk.GetArrayViewFromImage(mr_mask) > 0
+    depth = ct.shape[0]
+    wanted = list(range(depth)) if slices is None else sorted({int(z) for z in slices})
+    if any(z < 0 or z >= depth for z in wanted):
+        raise InputError(f"slice indices must lie in 0..{depth - 1}")
+
+    lo, hi = mr_scale(mr, mask, mr_percentiles) if mask.any() else (0.0, 1.0)
+    out: npt.NDArray[np.float32] = np.empty(ct.shape, dtype=np.float32)
+    for z in range(0, depth, 16):  # CT window everywhere first, in chunks (memory)
+        out[z : z + 16] = ct_to_unit(ct[z : z + 16], ct_window)
+
+    with_mr = [z for z in wanted if mask[z].any()]
+    total = len(with_mr)
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    for start in range(0, total, batch_size):
+        batch = with_mr[start : start + batch_size]
+        ct_unit = out[batch]
+        m = mask[batch]
+        mr_unit = np.clip((mr[batch].astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+        mr_unit = np.where(m, np.nan_to_num(mr_unit), 0.0).astype(np.float32)
+        fused = np.asarray(
+            fuse(
+                ct_unit,
+                mr_unit,
+                strategy=strategy,
+                device=device,
+                batch_size=batch_size,
+                threads=threads,
+            ),
+            dtype=np.float32,
+        )
+        if fused.shape != ct_unit.shape:
+            raise InputError(f"fuse returned shape {fused.shape}, expected {ct_unit.shape}")
+        out[batch] = np.where(m, np.clip(fused, 0.0, 1.0), ct_unit)
+        done += len(batch)
+        if progress is not None:
+            progress(done, total)
+
+    if slices is not None:
+        _interpolate_between(out, wanted)
+    result = sitk.GetImageFromArray(out)
+    result.CopyInformation(ct_hu)
+    return result

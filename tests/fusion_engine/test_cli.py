@@ -1,0 +1,111 @@
+"""The fusion-engine command: fuse, fuse-pairs, evaluate round trips on real PNG files."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusion_engine.cli import main
+from tests.fusion_engine.test_train import make_pairs
+from tests.peers import AANLIB
+
+
+def _write_pair(tmp: Path, bits: int = 8, size: int = 48) -> tuple[Path, Path]:
+    yy, xx = np.mgrid[0:size, 0:size]
+    disk = (yy - size / 2) ** 2 + (xx - size / 2) ** 2
+    ct = np.where(disk < (size / 3) ** 2, 0.3, 0.0) + np.where(disk < (size / 5) ** 2, 0.6, 0.0)
+    mr = np.where(disk < (size / 2.5) ** 2, 0.5 + 0.2 * np.sin(xx / 3.0), 0.0)
+    scale, dtype = (255, np.uint8) if bits == 8 else (65535, np.uint16)
+    paths = []
+    for name, img in (("ct.png", ct), ("mr.png", mr)):
+        p = tmp / name
+        Image.fromarray(np.rint(img.clip(0, 1) * scale).astype(dtype)).save(p)
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def test_fuse_8bit_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ct, mr = _write_pair(tmp_path, 8)
+    out = tmp_path / "out" / "fused.png"
+    assert main(["fuse", str(ct), str(mr), "-o", str(out), "--device", "cpu"]) == 0
+    with Image.open(out) as im:
+        assert im.mode == "L" and im.size == (48, 48)
+        arr = np.asarray(im)
+    assert arr.max() > arr.min()
+    assert "8-bit" in capsys.readouterr().out
+
+
+def test_fuse_16bit_keeps_depth_and_strategy(tmp_path: Path) -> None:
+    ct, mr = _write_pair(tmp_path, 16)
+    out_a, out_b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["fuse", str(ct), str(mr), "-o", str(out_a)]) == 0
+    assert main(["fuse", str(ct), str(mr), "-o", str(out_b), "--strategy", "addition"]) == 0
+    with Image.open(out_a) as a, Image.open(out_b) as b:
+        assert a.mode.startswith("I") and a.size == (48, 48)
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fuse_size_mismatch_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ct, _ = _write_pair(tmp_path, 8, 48)
+    other = tmp_path / "small"
+    other.mkdir()
+    _, mr = _write_pair(other, 8, 32)
+    assert main(["fuse", str(ct), str(mr), "-o", str(tmp_path / "x.png")]) == 2
+    assert "differ" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_fuse_pairs(tmp_path: Path) -> None:
+    pairs = make_pairs(tmp_path / "d", cases=("11", "12"), per_case=2) / "aanlib-ct-mri"
+    out = tmp_path / "fused"
+    assert main(["fuse-pairs", "--pairs", str(pairs), "--out", str(out), "--cases", "12"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["12000.png", "12001.png"]
+    with Image.open(out / "12000.png") as im:
+        assert im.mode == "L" and im.size == (48, 48)
+
+
+def test_evaluate_report(tmp_path: Path) -> None:
+    pairs = make_pairs(tmp_path / "d", cases=("11", "12"), per_case=2, size=64) / "aanlib-ct-mri"
+    out = tmp_path / "report"
+    assert main(["evaluate", "--pairs", str(pairs), "--out", str(out), "--cases", "12",
+                 "--grid", "2", "--no-progress"]) == 0
+    md = (out / "report.md").read_text()
+    for word in ("mean-attention", "pixel-average", "laplacian-pyramid", "dwt", "Qabf",
+                 "VIFF", "p-values", "±"):
+        assert word in md
+    rows = list(csv.reader((out / "summary.csv").open()))
+    assert rows[0][0] == "metric" and [r[0] for r in rows[1:]] == [
+        "AG", "SF", "EN", "MI", "PSNR", "SSIM", "Qabf", "VIFF"]
+    assert len(list(csv.reader((out / "pairs.csv").open()))) == 1 + 9 * 2
+    with Image.open(out / "grid.png") as im:
+        assert im.size[0] > im.size[1] > 100
+
+
+def test_real_aanlib_pair(tmp_path: Path) -> None:
+    if not (AANLIB / "CT").is_dir():
+        pytest.skip(f"AANLIB pairs not present at {AANLIB}")
+    name = sorted(p.name for p in (AANLIB / "CT").glob("*.png"))[0]
+    out = tmp_path / "f.png"
+    assert main(["fuse", str(AANLIB / "CT" / name), str(AANLIB / "MRI" / name),
+                 "-o", str(out)]) == 0
+    ct = np.asarray(Image.open(AANLIB / "CT" / name).convert("L"), dtype=np.float64)
+    mr = np.asarray(Image.open(AANLIB / "MRI" / name).convert("L"), dtype=np.float64)
+    fused = np.asarray(Image.open(out), dtype=np.float64)
+    # the fused image carries structure of both sources
+    assert np.corrcoef(fused.ravel(), ct.ravel())[0, 1] > 0.3
+    assert np.corrcoef(fused.ravel(), mr.ravel())[0, 1] > 0.3
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for cmd in ("fuse", "fuse-pairs", "evaluate", "train"):
+        assert cmd in text
+    assert shutil.which("fusion-engine") is not None

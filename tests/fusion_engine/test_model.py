@@ -1,0 +1,109 @@
+"""The Res2Net fusion network: architecture, padding, fusion strategies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fusion_engine.model import (
+    FUSION_STRATEGIES,
+    FusionNet,
+    Res2NetBlock,
+    addition,
+    average,
+    count_parameters,
+    l1_norm,
+    macs_per_pixel,
+    mean_attention,
+    softmax_mean,
+)
+
+
+def test_parameter_count_and_macs_match_table_1() -> None:
+    net = FusionNet()
+    # conv 1->32, 32->64, Res2Net (1x1 64->64, 3 x two 3x3 16->16, 1x1 64->64),
+    # reconstructor 64->64->32->16->1, all with biases
+    assert count_parameters(net) == 101_217
+    assert macs_per_pixel(net) == (40_736, 60_048)
+
+
+def test_every_3x3_conv_uses_reflect_padding() -> None:
+    convs = [m for m in FusionNet().modules() if isinstance(m, nn.Conv2d)]
+    three = [c for c in convs if c.kernel_size == (3, 3)]
+    assert len(three) == 2 + 6 + 4
+    assert all(c.padding_mode == "reflect" and c.padding == (1, 1) for c in three)
+
+
+def test_res2net_block_structure_and_identity_shortcut() -> None:
+    block = Res2NetBlock(64, 4)
+    assert block.width == 16 and len(block.branches) == 3
+    with torch.no_grad():
+        for p in block.parameters():
+            p.zero_()
+    x = torch.rand(1, 64, 5, 6)
+    # with all weights zero only the identity shortcut remains (ReLU of a non-negative input)
+    assert torch.equal(block(x), x)
+
+
+def test_res2net_hierarchy_first_group_bypasses_convs() -> None:
+    torch.manual_seed(0)
+    block = Res2NetBlock(64, 4).eval()
+    x = torch.rand(1, 64, 6, 6)
+    seen: list[torch.Tensor] = []
+    block.branches[0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    block.branches[1].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        block(x)
+        inner = torch.relu(block.conv_in(x))
+        x2, x3 = inner[:, 16:32], inner[:, 32:48]
+        y2 = block.branches[0](x2)
+    assert torch.allclose(seen[0], x2)
+    assert torch.allclose(seen[1], x3 + y2)  # y3 = H3(x3 + y2)
+
+
+@pytest.mark.parametrize("shape", [(17, 23), (2, 2), (64, 40)])
+def test_any_image_size(shape: tuple[int, int]) -> None:
+    net = FusionNet().eval()
+    x = torch.rand(2, 1, *shape)
+    with torch.no_grad():
+        assert net.autoencode(x).shape == x.shape
+        for fn in FUSION_STRATEGIES.values():
+            assert net.fuse(x, x.flip(0), fn).shape == x.shape
+
+
+def test_reflect_padding_keeps_constant_image_flat() -> None:
+    # with reflect padding a constant input gives a constant output (zero padding would not)
+    torch.manual_seed(1)
+    net = FusionNet().eval()
+    with torch.no_grad():
+        out = net.autoencode(torch.full((1, 1, 12, 12), 0.4))
+    assert float(out.max() - out.min()) < 1e-5
+
+
+def test_mean_attention_weights() -> None:
+    a = torch.full((1, 4, 3, 3), 2.0)
+    b = torch.full((1, 4, 3, 3), 1.0)
+    out = mean_attention(a, b)
+    # Q_a = 2, Q_b = 1: weights 2/3, 1/3 -> 2*2/3 + 1/3 = 5/3
+    assert torch.allclose(out, torch.full_like(a, 5.0 / 3.0), atol=1e-6)
+    zero = torch.zeros_like(a)
+    assert torch.allclose(mean_attention(a, zero), a)
+    assert torch.all(mean_attention(zero, zero) == 0)
+
+
+def test_softmax_addition_average_l1() -> None:
+    a = torch.full((1, 2, 4, 4), 1.0)
+    b = torch.zeros((1, 2, 4, 4))
+    w = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+    assert torch.allclose(softmax_mean(a, b), w[0] * a)
+    assert torch.equal(addition(a, b), a)
+    assert torch.equal(average(a, b), 0.5 * a)
+    assert torch.allclose(l1_norm(a, b), a)
+    assert torch.allclose(l1_norm(a, a), a)
+
+
+def test_strategy_names() -> None:
+    assert list(FUSION_STRATEGIES)[:5] == [
+        "mean-attention", "softmax-mean", "addition", "l1-norm", "average",
+    ]
