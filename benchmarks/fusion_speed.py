@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tile", type=int, default=256, help="tile size of the tiled paths")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,29 +104,38 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ct = rng.random((args.slices, args.size, args.size), dtype=np.float32)
     mr = rng.random((args.slices, args.size, args.size), dtype=np.float32)
-    paths = ["fp32", "channels_last"] + (["bf16"] if bf16_supported(device) else [])
-    ref = fuse(ct, mr, device=args.device, precision="fp32", batch_size=args.batch)
+    # (label, precision, tile): tile None = one pass over the whole slice
+    paths: list[tuple[str, str, int | None]] = [
+        ("fp32", "fp32", None),
+        ("channels_last", "channels_last", None),
+        (f"channels_last t{args.tile}", "channels_last", args.tile),
+    ]
+    if bf16_supported(device):
+        paths += [("bf16", "bf16", None), (f"bf16 t{args.tile}", "bf16", args.tile)]
+    ref = fuse(ct, mr, device=args.device, precision="fp32", batch_size=args.batch, tile=0)
     print()
-    print(f"{'path':<15}{'ms/slice':>10}{'GFLOP/s':>10}{'x GEMM':>8}{'PSNR vs fp32':>14}")
+    print(f"{'path':<20}{'ms/slice':>10}{'GFLOP/s':>10}{'x GEMM':>8}{'PSNR vs fp32':>14}")
     fusion = FUSION_STRATEGIES["mean-attention"]
-    for prec in paths:
+    for label, prec, tile in paths:
         model = load_model(args.device, prec)
         ta = torch.from_numpy(ct)[:, None]
         tb = torch.from_numpy(mr)[:, None]
 
-        def run(model: LoadedModel = model, ta: torch.Tensor = ta, tb: torch.Tensor = tb) -> None:
+        def run(model: LoadedModel = model, ta: torch.Tensor = ta, tb: torch.Tensor = tb,
+                tile: int | None = tile) -> None:
             with torch.inference_mode():
                 for s in range(0, args.slices, args.batch):
-                    model.run(ta[s : s + args.batch], tb[s : s + args.batch], fusion)
+                    model.run(ta[s : s + args.batch], tb[s : s + args.batch], fusion, tile)
 
         t = median_time(run, args.repeats, warmup=1)
         per_slice = t / args.slices
         gflops = flop_per_slice / per_slice / 1e9
-        out = fuse(ct, mr, device=args.device, precision=prec, batch_size=args.batch)
+        out = fuse(ct, mr, device=args.device, precision=prec, batch_size=args.batch,
+                   tile=tile or 0)
         mse = float(np.mean((out.astype(np.float64) - ref) ** 2))
         psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
         print(
-            f"{prec:<15}{per_slice * 1e3:>10.1f}{gflops:>10.1f}{gflops / gemm:>8.2f}"
+            f"{label:<20}{per_slice * 1e3:>10.1f}{gflops:>10.1f}{gflops / gemm:>8.2f}"
             f"{psnr:>12.1f} dB"
         )
 

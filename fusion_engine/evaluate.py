@@ -130,6 +130,16 @@ def render_markdown(report: Report, network_methods: Sequence[str], title: str) 
     for metric in report.metrics:
         ps = [_fmt_p(report.p_value(o, metric)) for o in others]
         lines.append(f"| {metric} | {report.rank(d, metric)} | " + " | ".join(ps) + " |")
+    from fusion_engine.model import FUSION_STRATEGIES
+
+    lines += ["", "Methods:", ""]
+    for m in report.methods:
+        fn = FUSION_STRATEGIES.get(m)
+        if fn is not None:
+            doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+            lines.append(f"- `{m}` (network): {doc}")
+        else:
+            lines.append(f"- `{m}`: classical baseline (`fusion_engine.baselines`)")
     lines += ["", "Quality target:", ""]
     for text, ok in report.target_checks(network_methods).items():
         lines.append(f"- [{'x' if ok else ' '}] {text}")

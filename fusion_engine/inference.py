@@ -40,6 +40,15 @@ STRATEGIES: tuple[str, ...] = tuple(FUSION_STRATEGIES)
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "channels_last", "bf16")
 
+TILE_HALO = 16
+"""Margin of each tile in pixels: >= the receptive radius of the network (12 3x3
+convolutions on the longest path, plus 1 for the l1-norm block average)."""
+
+DEFAULT_CPU_TILE: int | None = None
+"""Tile size on CPU (None: one pass). Tiling is exact but was slower on the 2-core
+development machine (benchmarks/fusion_speed.py), so it is off; it bounds memory on huge
+images."""
+
 
 def _manifest(weights_dir: Path) -> dict[str, object]:
     path = weights_dir / "manifest.json"
@@ -139,8 +148,29 @@ class LoadedModel:
         """NHWC for the fast paths, NCHW for the reference."""
         return torch.contiguous_format if self.precision == "fp32" else torch.channels_last
 
-    def run(self, ct: torch.Tensor, mr: torch.Tensor, fusion: FusionFn) -> torch.Tensor:
-        """Fuse (N, 1, H, W) float32 tensors on the model's device; float32 result clamped."""
+    def run(self, ct: torch.Tensor, mr: torch.Tensor, fusion: FusionFn,
+            tile: int | None = None) -> torch.Tensor:
+        """Fuse (N, 1, H, W) float32 tensors on the model's device; float32 result clamped.
+
+        With ``tile`` the image is processed in tile x tile blocks, each with a
+        :data:`TILE_HALO` pixel margin of real neighbours (or the image border), which gives
+        the same result as one pass (the network's receptive radius is 13 pixels) while the
+        activations stay in cache.
+        """
+        h, w = ct.shape[-2:]
+        if tile is None or (h <= tile and w <= tile):
+            return self._run(ct, mr, fusion)
+        out = torch.empty(ct.shape, dtype=torch.float32)
+        for y0 in range(0, h, tile):
+            for x0 in range(0, w, tile):
+                y1, x1 = min(h, y0 + tile), min(w, x0 + tile)
+                ya, xa = max(0, y0 - TILE_HALO), max(0, x0 - TILE_HALO)
+                yb, xb = min(h, y1 + TILE_HALO), min(w, x1 + TILE_HALO)
+                res = self._run(ct[..., ya:yb, xa:xb], mr[..., ya:yb, xa:xb], fusion)
+                out[..., y0:y1, x0:x1] = res[..., y0 - ya : y1 - ya, x0 - xa : x1 - xa].cpu()
+        return out
+
+    def _run(self, ct: torch.Tensor, mr: torch.Tensor, fusion: FusionFn) -> torch.Tensor:
         a = ct.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         b = mr.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         out = self.net.fuse(a, b, fusion)
@@ -210,18 +240,22 @@ def fuse(
     batch_size: int = 8,
     threads: int | None = None,
     precision: str = "auto",
+    tile: int | None = None,
 ) -> npt.NDArray[np.float32]:
     """Fuse CT and MR images of shape (H, W) or (N, H, W) with values in [0, 1].
 
     Returns float32 in [0, 1] of the input shape. ``strategy`` is one of :data:`STRATEGIES`;
     ``device`` is ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``; slices are processed
     ``batch_size`` at a time; ``threads`` temporarily sets torch's CPU thread count;
-    ``precision`` see the module docstring.
+    ``precision`` see the module docstring; ``tile`` the tile size of the (exact) tiled pass,
+    ``None`` for :data:`DEFAULT_CPU_TILE` on CPU and untiled on CUDA, 0 for untiled.
     """
     if strategy not in FUSION_STRATEGIES:
         raise InputError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
     if batch_size < 1:
         raise InputError("batch_size must be >= 1")
+    if tile is not None and tile != 0 and tile < 2 * TILE_HALO:
+        raise InputError(f"tile must be 0 (off) or >= {2 * TILE_HALO}")
     ct_np, mr_np = np.asarray(ct), np.asarray(mr)
     if ct_np.shape != mr_np.shape:
         raise InputError(f"CT shape {ct_np.shape} differs from MR shape {mr_np.shape}")
@@ -229,11 +263,15 @@ def fuse(
     a, b = _as_stack("ct", ct_np), _as_stack("mr", mr_np)
     model = load_model(str(resolve_device(device)), precision)
     fusion = FUSION_STRATEGIES[strategy]
+    if tile is None:
+        tile_px = DEFAULT_CPU_TILE if model.device.type == "cpu" else None
+    else:
+        tile_px = tile or None
     out: npt.NDArray[np.float32] = np.empty_like(a)
     with _threads(threads), torch.inference_mode():
         for start in range(0, a.shape[0], batch_size):
             sl = slice(start, start + batch_size)
             ta = torch.from_numpy(np.ascontiguousarray(a[sl]))[:, None]
             tb = torch.from_numpy(np.ascontiguousarray(b[sl]))[:, None]
-            out[sl] = model.run(ta, tb, fusion)[:, 0].cpu().numpy()
+            out[sl] = model.run(ta, tb, fusion, tile_px)[:, 0].cpu().numpy()
     return cast("npt.NDArray[np.float32]", out[0] if squeeze else out)

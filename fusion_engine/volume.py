@@ -12,6 +12,12 @@ MR would darken soft tissue and look like a signal void, which a planner could m
 CT window is the honest picture of what is known. Slices without any MR data are not sent
 through the network at all. Callers say this in the output's description
 ("CT only outside MR").
+
+Only the bounding box of the imaged object (CT above -500 HU or MR above 10 % of its scale,
+after a 3 x 3 opening that drops isolated noise pixels), widened by :data:`CROP_MARGIN` pixels,
+goes through the network; the margin exceeds the network's receptive-field radius (12 pixels),
+so every pixel inside the box is exactly what the whole slice would give. Outside the box both
+sources are air and the fused image holds the CT-window image (black), as outside the MR.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
+from scipy import ndimage
 
 from fusion_engine.errors import InputError
 from fusion_engine.intensity import (
@@ -41,6 +48,30 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
         and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
         and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
         and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
+
+
+CROP_MARGIN = 16
+"""Pixels added around the object's bounding box (> the network's receptive-field radius)."""
+
+AIR_HU = -500.0
+MR_FOREGROUND = 0.1
+
+
+def object_box(
+    ct_hu: npt.NDArray[np.floating], mr_unit: npt.NDArray[np.floating], margin: int = CROP_MARGIN
+) -> tuple[slice, slice] | None:
+    """In-plane bounding box (rows, cols) of the imaged object over a stack of slices, or None."""
+    fg = (ct_hu > AIR_HU) | (mr_unit > MR_FOREGROUND)
+    fg = ndimage.binary_opening(fg, structure=np.ones((1, 3, 3), dtype=bool))
+    rows = np.flatnonzero(fg.any(axis=(0, 2)))
+    cols = np.flatnonzero(fg.any(axis=(0, 1)))
+    if rows.size == 0 or cols.size == 0:
+        return None
+    height, width = fg.shape[1:]
+    return (
+        slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, height)),
+        slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, width)),
     )
 
 
@@ -108,19 +139,26 @@ def fuse_volume(
         m = mask[batch]
         mr_unit = np.clip((mr[batch].astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
         mr_unit = np.where(m, np.nan_to_num(mr_unit), 0.0).astype(np.float32)
-        fused = np.asarray(
-            fuse(
-                ct_unit,
-                mr_unit,
-                strategy=strategy,
-                device=device,
-                batch_size=batch_size,
-                threads=threads,
-            ),
-            dtype=np.float32,
-        )
-        if fused.shape != ct_unit.shape:
-            raise InputError(f"fuse returned shape {fused.shape}, expected {ct_unit.shape}")
+        box = object_box(ct[batch], mr_unit)
+        fused = ct_unit.copy()
+        if box is not None:
+            rows, cols = box
+            crop = (slice(None), rows, cols)
+            part = np.asarray(
+                fuse(
+                    np.ascontiguousarray(ct_unit[crop]),
+                    np.ascontiguousarray(mr_unit[crop]),
+                    strategy=strategy,
+                    device=device,
+                    batch_size=batch_size,
+                    threads=threads,
+                ),
+                dtype=np.float32,
+            )
+            expected = ct_unit[crop].shape
+            if part.shape != expected:
+                raise InputError(f"fuse returned shape {part.shape}, expected {expected}")
+            fused[crop] = part
         out[batch] = np.where(m, np.clip(fused, 0.0, 1.0), ct_unit)
         done += len(batch)
         if progress is not None:

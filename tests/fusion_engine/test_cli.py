@@ -75,13 +75,13 @@ def test_evaluate_report(tmp_path: Path) -> None:
     assert main(["evaluate", "--pairs", str(pairs), "--out", str(out), "--cases", "12",
                  "--grid", "2", "--no-progress"]) == 0
     md = (out / "report.md").read_text()
-    for word in ("mean-attention", "pixel-average", "laplacian-pyramid", "dwt", "Qabf",
+    for word in ("mean-attention-paper", "pixel-average", "laplacian-pyramid", "dwt", "Qabf",
                  "VIFF", "p-values", "±"):
         assert word in md
     rows = list(csv.reader((out / "summary.csv").open()))
     assert rows[0][0] == "metric" and [r[0] for r in rows[1:]] == [
         "AG", "SF", "EN", "MI", "PSNR", "SSIM", "Qabf", "VIFF"]
-    assert len(list(csv.reader((out / "pairs.csv").open()))) == 1 + 9 * 2
+    assert len(list(csv.reader((out / "pairs.csv").open()))) == 1 + 10 * 2
     with Image.open(out / "grid.png") as im:
         assert im.size[0] > im.size[1] > 100
 

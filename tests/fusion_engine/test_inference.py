@@ -77,6 +77,18 @@ def test_fused_lies_between_sources_on_structure() -> None:
     assert out[22:26, 22:26].mean() > out[0:3, 28:32].mean() + 0.2
 
 
+@pytest.mark.parametrize("strategy", ["mean-attention", "l1-norm"])
+def test_tiled_pass_equals_single_pass(strategy: str) -> None:
+    rng = np.random.default_rng(1)
+    ct = rng.random((2, 70, 90), dtype=np.float32)
+    mr = rng.random((2, 70, 90), dtype=np.float32)
+    whole = fuse(ct, mr, strategy=strategy, device="cpu", tile=0)
+    tiled = fuse(ct, mr, strategy=strategy, device="cpu", tile=32)
+    assert np.allclose(whole, tiled, atol=1e-5)
+    with pytest.raises(InputError):
+        fuse(ct, mr, tile=8)
+
+
 @pytest.mark.parametrize("precision", ["channels_last", "bf16"])
 def test_fast_paths_within_45_db_of_fp32(precision: str) -> None:
     ct, mr = _images(2, 40, 40)

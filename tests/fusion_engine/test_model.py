@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +18,8 @@ from fusion_engine.model import (
     l1_norm,
     macs_per_pixel,
     mean_attention,
+    selective_mean_attention,
+    sharpened_mean_attention,
     softmax_mean,
 )
 
@@ -104,6 +108,35 @@ def test_softmax_addition_average_l1() -> None:
 
 
 def test_strategy_names() -> None:
-    assert list(FUSION_STRATEGIES)[:5] == [
-        "mean-attention", "softmax-mean", "addition", "l1-norm", "average",
+    assert list(FUSION_STRATEGIES) == [
+        "mean-attention", "mean-attention-paper", "softmax-mean", "addition", "l1-norm",
+        "average",
     ]
+    assert FUSION_STRATEGIES["mean-attention-paper"] is mean_attention
+
+
+def test_sharpened_mean_attention() -> None:
+    torch.manual_seed(3)
+    a, b = torch.rand(2, 8, 5, 5), torch.rand(2, 8, 5, 5)
+    # gamma = 1 is the paper's rule
+    assert torch.allclose(sharpened_mean_attention(1.0)(a, b), mean_attention(a, b), atol=1e-6)
+    # gamma = inf picks, per pixel, the source with the larger channel mean
+    hard = sharpened_mean_attention(math.inf)(a, b)
+    pick_a = a.mean(1, keepdim=True) >= b.mean(1, keepdim=True)
+    assert torch.equal(hard, torch.where(pick_a, a, b))
+    # a large finite exponent approaches that choice without underflow
+    big = sharpened_mean_attention(200.0)(a * 1e-3, b * 1e-3)
+    assert torch.isfinite(big).all()
+    clear = ((a.mean(1, keepdim=True) / b.mean(1, keepdim=True)).log().abs() > 0.05).expand_as(a)
+    assert torch.allclose(big[clear], hard[clear] * 1e-3, rtol=1e-3, atol=1e-9)
+
+
+def test_selective_mean_attention() -> None:
+    a = torch.full((1, 2, 3, 3), 2.0)
+    b = torch.full((1, 2, 3, 3), 1.0)
+    assert torch.equal(selective_mean_attention(0.0)(a, b), a)
+    assert torch.allclose(selective_mean_attention(0.25)(b, a), a + 0.25 * b)
+    with pytest.raises(ValueError):
+        selective_mean_attention(1.5)
+    with pytest.raises(ValueError):
+        sharpened_mean_attention(0.0)
