@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk  # noqa: N813
+import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

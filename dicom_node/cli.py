@@ -35,20 +35,14 @@ from dicom_node.config import (
 from dicom_node.errors import (
     EXIT_FAILURE,
     EXIT_OK,
-    EXIT_USAGE,
     ConfigError,
     NodeError,
+    UsageError,
 )
 
 log = logging.getLogger("dicom_node.cli")
 
 _ADHOC_DEST = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
-
-
-class UsageError(NodeError):
-    """The command line names something that does not exist (exit code 2)."""
-
-    exit_code = EXIT_USAGE
 
 
 def _console(stream: Any = None) -> Console:

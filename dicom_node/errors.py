@@ -115,3 +115,15 @@ class DeriveError(NodeError):
     """A derived DICOM object could not be created."""
 
     exit_code = EXIT_DATA
+
+
+class PipelineError(NodeError):
+    """The pipeline could not produce derived objects (e.g. an unreliable registration)."""
+
+    exit_code = EXIT_DATA
+
+
+class UsageError(NodeError):
+    """The command line names something that does not exist."""
+
+    exit_code = EXIT_USAGE

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from dicom_node import derive
-from dicom_node.errors import NodeError
+from dicom_node.errors import PipelineError
 from dicom_node.volumes import SeriesVolume, read_series_dir
 
 if TYPE_CHECKING:
@@ -52,12 +52,6 @@ registration only; derived slices sit exactly on the CT's own slices). See docs/
 STAGES: tuple[str, ...] = ("read", "register", "resample", "fuse", "derive", "write", "preview")
 KINDS: tuple[str, ...] = ("fused", "registered_mr", "reg")
 SUBFOLDERS: dict[str, str] = {"fused": "fused", "registered_mr": "registered_mr", "reg": "reg"}
-
-
-class PipelineError(NodeError):
-    """The pipeline could not produce derived objects (e.g. unreliable registration)."""
-
-    exit_code = 65  # EX_DATAERR, like SeriesError
 
 
 @dataclass

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import SimpleITK as sitk  # noqa: N813
+import SimpleITK as sitk
 from scipy import ndimage
 
 from fusion_engine.errors import InputError, RegistrationError

@@ -42,10 +42,12 @@ def wait_until(
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - polled condition may raise until ready
+        except Exception as exc:
             last_exc = exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or predicate}: {last_exc!r}")
+    raise TimeoutError(
+        f"timed out after {timeout:.0f}s waiting for {what or predicate}: {last_exc!r}"
+    )
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -76,5 +78,5 @@ def require_binary(name: str, package: str) -> str:
 def require_full_data(path: Path) -> Path:
     """Skip unless a full shared data set is present (CI has it; a bare clone may not)."""
     if not path.exists():
-        pytest.skip(f"full data set {path} not present (it lives in ../shared/data beside the clone)")
+        pytest.skip(f"full data set {path} not present (it belongs in ../shared/data)")
     return path

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import SimpleITK as sitk  # noqa: N813
+import SimpleITK as sitk
 
 FloatArray = npt.NDArray[np.float64]
 

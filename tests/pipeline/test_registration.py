@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk  # noqa: N813
+import SimpleITK as sitk
 
 from fusion_engine.errors import InputError, RegistrationError
 from fusion_engine.registration import (
