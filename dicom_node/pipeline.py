@@ -73,6 +73,7 @@ class _Settings:
     strategy: str = "mean-attention"
     ct_window: tuple[float, float] = (40.0, 400.0)
     batch_size: int = 8
+    precision: str = "auto"
     device: str = "auto"
     threads: int | None = None
     uid_root: str = "2.25"
@@ -85,7 +86,8 @@ def _settings(config: NodeConfig | None, **overrides: Any) -> _Settings:
     if config is not None:
         s.strategy = config.fusion.strategy
         s.ct_window = (float(config.fusion.ct_window[0]), float(config.fusion.ct_window[1]))
-        s.batch_size = int(getattr(config.fusion, "batch_size", s.batch_size))
+        s.batch_size = int(config.fusion.batch_size)
+        s.precision = config.fusion.precision
         s.device = config.worker.device
         s.threads = config.worker.threads
         s.uid_root = config.derive.uid_root
@@ -219,6 +221,7 @@ def run_pair(
         progress=fuse_progress,
         slices=ct.slice_indices,
         threads=settings.threads,
+        precision=settings.precision,
     )
     times["fuse"] = time.perf_counter() - t0
 

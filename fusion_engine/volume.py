@@ -96,6 +96,7 @@ def fuse_volume(
     slices: Sequence[int] | None = None,
     threads: int | None = None,
     mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES,
+    precision: str = "auto",
 ) -> sitk.Image:
     """Fuse CT (HU) and MR (on the CT grid) axial slice by slice; float32 [0, 1] on the CT grid.
 
@@ -103,7 +104,8 @@ def fuse_volume(
     (see the module docstring). ``slices`` restricts the work to those z indices (a CT with
     gaps on a regular lattice: the real slices); slices between two of them are linearly
     interpolated from those two, slices outside their range hold the CT-window image.
-    ``progress(done, total)`` is called after every batch.
+    ``progress(done, total)`` is called after every batch; ``precision`` is passed to
+    :func:`fusion_engine.inference.fuse`.
     """
     from fusion_engine.inference import fuse  # torch is imported only when fusing
 
@@ -152,6 +154,7 @@ def fuse_volume(
                     device=device,
                     batch_size=batch_size,
                     threads=threads,
+                    precision=precision,
                 ),
                 dtype=np.float32,
             )
