@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", type=float, default=5.0, help="pairing.series_quiet_seconds")
     ap.add_argument("--threads", type=int, default=None, help="worker.threads")
     ap.add_argument("--device", default="auto", help="worker.device (auto, cpu, cuda)")
+    ap.add_argument(
+        "--precision", default="auto", help="fusion.precision (auto, fp32, channels_last, bf16)"
+    )
     ap.add_argument("--timeout", type=float, default=1800.0, help="give up after (s)")
     ap.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
     args = ap.parse_args(argv)
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairing": {"series_quiet_seconds": args.quiet},
         "worker": {"device": args.device, "threads": args.threads, "poll_seconds": 0.2},
         "jobs": {"retry_backoff_seconds": 1.0},
+        "fusion": {"precision": args.precision},
     }
     cfg["worker"] = {k: v for k, v in cfg["worker"].items() if v is not None}
     config_path = work / "node.yaml"
@@ -174,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = platform.processor() or platform.machine()
     print(
         f"MRI-DIR pair: CT {n_ct} + MR {n_mr} instances; {cpu}"
-        f", {os.cpu_count()} CPUs, device {args.device}, threads {args.threads or 'default'}"
+        f", {os.cpu_count()} CPUs, device {args.device}, precision {args.precision}"
+        f", threads {args.threads or 'default'}"
     )
     print(
         f"ingest (first storescu start -> last instance acknowledged): "

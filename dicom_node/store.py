@@ -26,7 +26,7 @@ import shutil
 import struct
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID_LEN = 64
 _MB = 1024 * 1024
+
+
+STAGING_DIR = ".incoming"
+"""Folder below the storage root where received bytes are written before their rename."""
 
 
 def safe_uid(uid: object) -> str:
@@ -260,7 +264,8 @@ class Store:
     """Writes received instances under ``root`` and indexes them through ``sessions``.
 
     Thread-safe: the SCP calls :meth:`store_encoded` from one thread per association. File
-    writes and fsyncs run concurrently; the index check-rename-commit step is serialised.
+    writes and fsyncs run concurrently (with each other, with hashing and with the index
+    look-ups of the same instance); the index check-rename-commit step is serialised.
     """
 
     def __init__(self, root: Path, sessions: sessionmaker[Session], min_free_mb: int) -> None:
@@ -270,13 +275,19 @@ class Store:
         self.min_free_mb = min_free_mb
         self._lock = threading.Lock()
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-fsync")
+        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-write")
+        self.staging = root / STAGING_DIR
         try:
             root.mkdir(parents=True, exist_ok=True)
+            self.staging.mkdir(exist_ok=True)
         except OSError as exc:
             raise _os_error("cannot create storage folder", root, exc) from exc
+        for stale in self.staging.glob("*.tmp"):  # left by a crash: never acknowledged
+            _unlink_quietly(stale)
 
     def close(self) -> None:
-        """Release the helper thread (the store is unusable afterwards)."""
+        """Release the helper threads (the store is unusable afterwards)."""
+        self._writer.shutdown(wait=True)
         self._syncer.shutdown(wait=True)
 
     def _unindex(self, sop_instance_uid: str) -> None:
@@ -340,27 +351,32 @@ class Store:
     # -- the one public write ------------------------------------------------------------
     def store_encoded(self, encoded: bytes, *, calling_aet: str, peer: str) -> StoredInstance:
         """Durably store and index Part-10 ``encoded`` bytes; raise a NodeError on failure."""
-        header = parse_header(encoded)
-        digest = hashlib.sha256(memoryview(encoded)[dataset_offset(encoded) :]).hexdigest()
         self._check_free_space(len(encoded))
-        rel = Path(header.study_uid) / header.series_uid / f"{header.sop_instance_uid}.dcm"
-        final = self.root / rel
-        self._ensure_dir(final.parent)
-        tmp = self._write_tmp(final.parent, header.sop_instance_uid, encoded)
+        # The bytes are written and fsynced to a temporary file in the staging folder on a
+        # helper thread while this thread parses the header, hashes the bytes and looks the
+        # instance up in the index; nothing is renamed into place (and no Success is
+        # possible) before that fsync has returned.
+        written = self._writer.submit(self._write_tmp, self.staging, "incoming", encoded)
         try:
+            header = parse_header(encoded)
+            rel = Path(header.study_uid) / header.series_uid / f"{header.sop_instance_uid}.dcm"
+            final = self.root / rel
+            self._ensure_dir(final.parent)
+            digest = hashlib.sha256(memoryview(encoded)[dataset_offset(encoded) :]).hexdigest()
             with self._lock:
                 return self._index_and_place(
-                    header, digest, len(encoded), tmp, final, rel, calling_aet, peer
+                    header, digest, len(encoded), written, final, rel, calling_aet, peer
                 )
         finally:
-            _unlink_quietly(tmp)  # normally already renamed away
+            if written.exception() is None:
+                _unlink_quietly(written.result())  # normally already renamed away
 
     def _index_and_place(
         self,
         header: _Header,
         digest: str,
         size: int,
-        tmp: Path,
+        written: Future[Path],
         final: Path,
         rel: Path,
         calling_aet: str,
@@ -392,7 +408,7 @@ class Store:
                     ):
                         known = self.root / existing.path
                         if not known.exists():  # indexed file vanished: put it back
-                            os.replace(tmp, known)
+                            os.replace(written.result(), known)
                             _fsync_dir(known.parent)
                         log.debug("instance %s re-sent unchanged: no-op", header.sop_instance_uid)
                         return StoredInstance(
@@ -437,6 +453,7 @@ class Store:
                 series.number_of_instances += 1
                 series.last_received_at = now
                 session.flush()
+                tmp = written.result()  # durable temporary file (raises if writing failed)
                 try:
                     os.replace(tmp, final)
                 except OSError as exc:
