@@ -43,9 +43,8 @@ from dicom_node.jobs import (
     backoff_seconds,
     finish_if_sent,
     settings,
-    utcnow,
 )
-from dicom_node.models import Job, Send, SentInstance
+from dicom_node.models import Job, Send, SentInstance, utcnow
 
 log = logging.getLogger(__name__)
 

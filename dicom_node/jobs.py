@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
-from dicom_node.models import Job, JobStage, Send
+from dicom_node.models import Job, JobStage, Send, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,6 @@ SEND_SENDING = "sending"
 SEND_RETRY = "retry"
 SEND_DONE = "done"
 SEND_FAILED = "failed"
-
-
-def utcnow() -> datetime:
-    """Now as a naive UTC datetime (the index stores naive UTC)."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ These print to the admin's terminal, which may show the Patient ID; nothing here
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +15,7 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import jobs, pairing
+from dicom_node import jobs, models, pairing
 from dicom_node.config import NodeConfig
 from dicom_node.errors import EXIT_OK, EXIT_USAGE
 from dicom_node.models import Job, JobStage, PairingDecision, Send
@@ -78,7 +79,7 @@ def list_jobs(config: NodeConfig, *, state: str | None = None, limit: int = 50) 
               file=sys.stderr)
         return EXIT_USAGE
     engine, sessions = _sessions(config)
-    now = jobs.utcnow()
+    now = models.utcnow()
     table = Table(title="fusion jobs")
     for col in ("id", "state", "patient", "CT series", "MR series", "age", "attempts",
                 "stage times", "sends"):
@@ -190,11 +191,11 @@ def show_job(config: NodeConfig, job_id: int) -> int:
     return EXIT_OK
 
 
-def retry_job(config: NodeConfig, job_id: int) -> int:
-    """Queue a failed/cancelled/done job again (derived files and acks are kept)."""
+def _job_action(config: NodeConfig, job_id: int, action: Callable[[Any, int], str]) -> int:
+    """Run ``action(sessions, job_id)`` and print its message; unknown job -> usage error."""
     engine, sessions = _sessions(config)
     try:
-        message = jobs.retry_job(sessions, job_id)
+        message = action(sessions, job_id)
     except KeyError:
         print(f"no job {job_id}", file=sys.stderr)
         return EXIT_USAGE
@@ -202,17 +203,13 @@ def retry_job(config: NodeConfig, job_id: int) -> int:
         engine.dispose()
     print(message)
     return EXIT_OK
+
+
+def retry_job(config: NodeConfig, job_id: int) -> int:
+    """Queue a failed/cancelled/done job again (derived files and acks are kept)."""
+    return _job_action(config, job_id, jobs.retry_job)
 
 
 def cancel_job(config: NodeConfig, job_id: int) -> int:
     """Cancel a job that is not finished."""
-    engine, sessions = _sessions(config)
-    try:
-        message = jobs.cancel_job(sessions, job_id)
-    except KeyError:
-        print(f"no job {job_id}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        engine.dispose()
-    print(message)
-    return EXIT_OK
+    return _job_action(config, job_id, jobs.cancel_job)

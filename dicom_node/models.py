@@ -6,7 +6,7 @@ in INFO logs). Later versions add their tables here and a step in :mod:`dicom_no
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
@@ -20,6 +20,11 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(64)
+
+
+def utcnow() -> datetime:
+    """Now as a naive UTC datetime: the index stores naive UTC times."""
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):

@@ -32,7 +32,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
-from dicom_node.jobs import create_job, utcnow
+from dicom_node.jobs import create_job
 from dicom_node.models import (
     Instance,
     Job,
@@ -41,6 +41,7 @@ from dicom_node.models import (
     Series,
     SeriesProgress,
     Study,
+    utcnow,
 )
 
 log = logging.getLogger(__name__)

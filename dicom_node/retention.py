@@ -21,8 +21,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
 from dicom_node.dispatch import job_dir
-from dicom_node.jobs import DONE, utcnow
-from dicom_node.models import Instance, Job, Patient, Series, SeriesProgress, Study
+from dicom_node.jobs import DONE
+from dicom_node.models import (
+    Instance,
+    Job,
+    Patient,
+    Series,
+    SeriesProgress,
+    Study,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 

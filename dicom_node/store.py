@@ -28,7 +28,7 @@ import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from dicom_node.errors import (
     StorageError,
     StorageFullError,
 )
-from dicom_node.models import Instance, Patient, Series, Study
+from dicom_node.models import Instance, Patient, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ def safe_uid(uid: object) -> str:
     if not value or len(value) > MAX_UID_LEN or not _UID_RE.match(value):
         raise InvalidUIDError(f"invalid UID {value[:80]!r}")
     return value
-
-
-def utcnow() -> datetime:
-    """Current UTC time, naive (as stored in the index)."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import dispatch, jobs
+from dicom_node import dispatch, jobs, models
 from dicom_node.config import ConfigWatcher, NodeConfig
 from dicom_node.dispatch import DerivedFile
 from dicom_node.errors import EXIT_DATA, NodeError
@@ -236,7 +236,7 @@ def run_job(ctx: Context, job_id: int) -> str:
 
 def _hand_back(sessions: sessionmaker[Session], job_id: int, worker_id: str) -> None:
     """Requeue a job this worker is abandoning on shutdown, without counting the attempt."""
-    now = jobs.utcnow()
+    now = models.utcnow()
     with sessions() as session:
         session.execute(
             update(Job)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from dicom_node import dispatch, jobs, pairing, retention
+from dicom_node import dispatch, jobs, models, pairing, retention
 from dicom_node.config import NodeConfig
 from dicom_node.models import Job, PairingDecision, Send, SeriesProgress
 from tests.e2e.conftest import (
@@ -26,7 +26,7 @@ LATER = timedelta(seconds=5)
 
 
 def _later() -> datetime:
-    return jobs.utcnow() + LATER
+    return models.utcnow() + LATER
 
 
 def _jobs(node: IndexedNode) -> list[Job]:
@@ -239,7 +239,7 @@ def test_failures_retry_then_fail_and_recovery(indexed_node: IndexedNode) -> Non
     # worker dies: its heartbeat goes stale and the job is requeued
     with node.sessions() as s:
         s.execute(Job.__table__.update().where(Job.id == other).values(  # type: ignore[attr-defined]
-            heartbeat_at=jobs.utcnow() - timedelta(hours=1)))
+            heartbeat_at=models.utcnow() - timedelta(hours=1)))
         s.commit()
     assert jobs.heartbeat(node.sessions, other, "w-other") is False
     assert jobs.recover_stale(node.sessions, cfg) == [other]
@@ -314,7 +314,7 @@ def test_retention_cleans_old_done_jobs(indexed_node: IndexedNode) -> None:
     with node.sessions() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        job.state, job.finished_at = jobs.DONE, jobs.utcnow() - timedelta(days=40)
+        job.state, job.finished_at = jobs.DONE, models.utcnow() - timedelta(days=40)
         s.commit()
     assert retention.clean(node.sessions, node.config).jobs == []  # off by default
     cfg = node.config.model_copy(update={"retention": node.config.retention.model_copy(
