@@ -406,8 +406,11 @@ class ConfigWatcher:
     """Poll a config file and hand each valid new version to subscribers.
 
     The file is checked every ``interval`` seconds (at most 1 s by default) by a daemon
-    thread; :meth:`check` does one poll and can be called from a scheduler instead. An invalid
-    edit is logged as an error and the last good config stays in force.
+    thread; :meth:`check` does one poll and can be called from a scheduler instead. A change
+    is applied only once the same new content has been seen on two consecutive polls, so a file
+    caught half-written by an editor (empty, say, which would mean "all defaults" and an open
+    allow-list) is never applied. An invalid edit is logged as an error and the last good config
+    stays in force.
     """
 
     def __init__(
@@ -424,6 +427,7 @@ class ConfigWatcher:
         self._overrides = dict(overrides or {})
         self._current = initial
         self._signature = self._file_signature()
+        self._pending: str | None = None
         self._subscribers: list[Subscriber] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -449,7 +453,12 @@ class ConfigWatcher:
         with self._lock:
             sig = self._file_signature()
             if sig == self._signature:
+                self._pending = None
                 return False
+            if sig != self._pending:  # first sight of this content: let the write settle
+                self._pending = sig
+                return False
+            self._pending = None
             self._signature = sig
             if sig is None:
                 log.error("config file %s disappeared; keeping the last good config", self.path)

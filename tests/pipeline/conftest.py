@@ -138,6 +138,28 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in lines if line.startswith("Error")]
 
 
+PLANE_KEYWORDS = (
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+)
+
+
+def assert_same_plane(ds: Dataset, ref: Dataset, label: object) -> None:
+    """``ds`` carries exactly the image-plane attributes of ``ref`` (as stored strings)."""
+    for kw in PLANE_KEYWORDS:
+        assert [str(v) for v in np.atleast_1d(ds[kw].value)] == [
+            str(v) for v in np.atleast_1d(ref[kw].value)
+        ], (label, kw)
+
+
+def reg_matrix(reg: Dataset, item: int) -> np.ndarray:
+    """The 4x4 Frame of Reference Transformation Matrix of RegistrationSequence[item]."""
+    seq = reg.RegistrationSequence[item].MatrixRegistrationSequence[0].MatrixSequence[0]
+    return np.array([float(v) for v in seq.FrameOfReferenceTransformationMatrix]).reshape(4, 4)
+
+
 def read_back(ds: Dataset, tmp: Path, name: str) -> Dataset:
     """Write a dataset as a file and read it again (what a receiver sees)."""
     path = tmp / name

@@ -13,7 +13,13 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 
 from dicom_node import derive
 from dicom_node.errors import DeriveError
-from tests.pipeline.conftest import IdentityOutputs, dciodvfy_errors, read_back
+from tests.pipeline.conftest import (
+    IdentityOutputs,
+    assert_same_plane,
+    dciodvfy_errors,
+    read_back,
+    reg_matrix,
+)
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -27,15 +33,7 @@ def test_one_instance_per_ct_slice_with_ct_geometry(identity_outputs: IdentityOu
     for kind, series in _images(out):
         assert len(series) == len(out.ct.datasets), kind
         for ds, ct_ds in zip(series, out.ct.datasets, strict=True):
-            for kw in (
-                "ImagePositionPatient",
-                "ImageOrientationPatient",
-                "PixelSpacing",
-                "SliceThickness",
-            ):
-                assert [str(v) for v in np.atleast_1d(ds[kw].value)] == [
-                    str(v) for v in np.atleast_1d(ct_ds[kw].value)
-                ], (kind, kw)
+            assert_same_plane(ds, ct_ds, kind)
             assert (ds.Rows, ds.Columns) == (ct_ds.Rows, ct_ds.Columns)
             assert ds.StudyInstanceUID == ct_ds.StudyInstanceUID
             assert ds.FrameOfReferenceUID == ct_ds.FrameOfReferenceUID
@@ -171,24 +169,8 @@ def test_reg_matrix_maps_mr_points_onto_ct_points(
     t.SetTranslation((15.0, -30.0, 8.0))
     matrix = reg_matrix_mr_to_ct(t)
     reg = read_back(derive.spatial_registration(out.ct, out.mr, matrix), tmp_path, "reg.dcm")
-    stored = np.array(
-        [
-            float(v)
-            for v in reg.RegistrationSequence[1]
-            .MatrixRegistrationSequence[0]
-            .MatrixSequence[0]
-            .FrameOfReferenceTransformationMatrix
-        ]
-    ).reshape(4, 4)
-    identity = np.array(
-        [
-            float(v)
-            for v in reg.RegistrationSequence[0]
-            .MatrixRegistrationSequence[0]
-            .MatrixSequence[0]
-            .FrameOfReferenceTransformationMatrix
-        ]
-    ).reshape(4, 4)
+    stored = reg_matrix(reg, 1)
+    identity = reg_matrix(reg, 0)
     np.testing.assert_allclose(identity, np.eye(4))
     rng = np.random.default_rng(7)
     for p_ct in rng.uniform(-100, 100, size=(20, 3)):

@@ -17,7 +17,13 @@ import SimpleITK as sitk
 from dicom_node.pipeline import PipelineResult, run_offline
 from fusion_engine.volume import fuse_volume
 from tests.peers import MRIDIR, require_full_data
-from tests.pipeline.conftest import SMALL_CT, SMALL_MR, dciodvfy_errors
+from tests.pipeline.conftest import (
+    SMALL_CT,
+    SMALL_MR,
+    assert_same_plane,
+    dciodvfy_errors,
+    reg_matrix,
+)
 
 
 @dataclass
@@ -86,15 +92,7 @@ def test_offline_geometry_equals_ct_per_instance(offline_run: OfflineRun) -> Non
                 )
             )
             seen.add(str(match.SOPInstanceUID))
-            for kw in (
-                "ImagePositionPatient",
-                "ImageOrientationPatient",
-                "PixelSpacing",
-                "SliceThickness",
-            ):
-                assert [str(v) for v in np.atleast_1d(ds[kw].value)] == [
-                    str(v) for v in np.atleast_1d(match[kw].value)
-                ], (folder, kw)
+            assert_same_plane(ds, match, folder)
             assert ds.FrameOfReferenceUID == match.FrameOfReferenceUID
             assert ds.StudyInstanceUID == match.StudyInstanceUID
             assert ds.pixel_array.shape == (match.Rows, match.Columns)
@@ -108,15 +106,7 @@ def test_offline_registration_and_reg_file(offline_run: OfflineRun) -> None:
     assert result.quality.mask_dice >= 0.8
     assert result.transform is not None
     reg = pydicom.dcmread(next((offline_run.out / "reg").glob("*.dcm")))
-    m = np.array(
-        [
-            float(v)
-            for v in reg.RegistrationSequence[1]
-            .MatrixRegistrationSequence[0]
-            .MatrixSequence[0]
-            .FrameOfReferenceTransformationMatrix
-        ]
-    ).reshape(4, 4)
+    m = reg_matrix(reg, 1)
     ct_img = result.images["ct"]
     for index in ((10, 20, 30), (64, 64, 200), (100, 90, 350)):
         p_ct = np.array(ct_img.TransformIndexToPhysicalPoint(index))
