@@ -3,8 +3,10 @@
 Precision paths (``precision=``):
 
 * ``"fp32"``: plain contiguous float32, the reference;
-* ``"channels_last"``: float32 in NHWC memory layout (oneDNN's fast path on CPU);
-* ``"bf16"``: bfloat16 weights and activations in NHWC (CPUs with AVX512-BF16/AMX, CUDA);
+* ``"channels_last"``: float32 in NHWC memory layout; on CPU with oneDNN's fused
+  convolution + ReLU operators (:mod:`fusion_engine.onednn`), same result up to rounding;
+* ``"bf16"``: bfloat16 weights and activations in NHWC, fused operators on CPU (CPUs with
+  AVX512-BF16/AMX, CUDA);
 * ``"auto"`` (default): ``channels_last`` on CPU, ``fp32`` on CUDA.
 
 Every path is deterministic for a given machine and thread count; the tests check that the fast
@@ -26,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from fusion_engine import onednn
 from fusion_engine.errors import InputError, WeightsError
 from fusion_engine.model import FUSION_STRATEGIES, FusionFn, FusionNet
 
@@ -148,6 +151,11 @@ class LoadedModel:
         """NHWC for the fast paths, NCHW for the reference."""
         return torch.contiguous_format if self.precision == "fp32" else torch.channels_last
 
+    @property
+    def fused_ops(self) -> bool:
+        """Whether :meth:`run` uses oneDNN's fused operators (CPU fast paths)."""
+        return self.device.type == "cpu" and self.precision != "fp32" and onednn.available()
+
     def run(self, ct: torch.Tensor, mr: torch.Tensor, fusion: FusionFn,
             tile: int | None = None) -> torch.Tensor:
         """Fuse (N, 1, H, W) float32 tensors on the model's device; float32 result clamped.
@@ -173,7 +181,10 @@ class LoadedModel:
     def _run(self, ct: torch.Tensor, mr: torch.Tensor, fusion: FusionFn) -> torch.Tensor:
         a = ct.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         b = mr.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-        out = self.net.fuse(a, b, fusion)
+        if self.fused_ops:
+            out = onednn.fuse(self.net, a, b, fusion)
+        else:
+            out = self.net.fuse(a, b, fusion)
         return out.float().clamp_(0.0, 1.0)
 
 

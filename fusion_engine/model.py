@@ -110,10 +110,19 @@ class Reconstructor(nn.Module):
 FusionFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def channel_mean(x: Tensor) -> Tensor:
+    """Per-pixel mean over the channels, (N, C, H, W) -> (N, 1, H, W).
+
+    A sum divided by C: ``Tensor.mean`` upcasts bf16 input to a float32 copy first, which
+    costs more than the reduction itself.
+    """
+    return x.sum(dim=1, keepdim=True) / x.shape[1]
+
+
 def mean_attention(a: Tensor, b: Tensor) -> Tensor:
     """Spatial mean attention (paper eqs. 2-3): weights Q_i / sum Q, Q = channel mean."""
-    qa = a.mean(dim=1, keepdim=True)
-    qb = b.mean(dim=1, keepdim=True)
+    qa = channel_mean(a)
+    qb = channel_mean(b)
     total = qa + qb + EPS
     return (qa / total) * a + (qb / total) * b
 
@@ -130,8 +139,8 @@ def sharpened_mean_attention(gamma: float) -> FusionFn:
         raise ValueError("gamma must be > 0")
 
     def fuse(a: Tensor, b: Tensor) -> Tensor:
-        qa = a.mean(dim=1, keepdim=True)
-        qb = b.mean(dim=1, keepdim=True)
+        qa = channel_mean(a)
+        qb = channel_mean(b)
         if math.isinf(gamma):
             return torch.where(qa >= qb, a, b)
         logits = torch.cat([torch.log(qa + EPS), torch.log(qb + EPS)], dim=1) * gamma
@@ -152,7 +161,7 @@ def selective_mean_attention(share: float) -> FusionFn:
         raise ValueError("share must lie in [0, 1]")
 
     def fuse(a: Tensor, b: Tensor) -> Tensor:
-        pick_a = a.mean(dim=1, keepdim=True) >= b.mean(dim=1, keepdim=True)
+        pick_a = channel_mean(a) >= channel_mean(b)
         if share == 0.0:
             return torch.where(pick_a, a, b)
         return torch.where(pick_a, a + share * b, b + share * a)
@@ -164,7 +173,7 @@ def selective_mean_attention(share: float) -> FusionFn:
 
 def softmax_mean(a: Tensor, b: Tensor) -> Tensor:
     """Softmax over the sources of the channel-mean activity Q."""
-    q = torch.cat([a.mean(dim=1, keepdim=True), b.mean(dim=1, keepdim=True)], dim=1)
+    q = torch.cat([channel_mean(a), channel_mean(b)], dim=1)
     w = torch.softmax(q, dim=1)
     return w[:, 0:1] * a + w[:, 1:2] * b
 
