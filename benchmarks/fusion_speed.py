@@ -82,7 +82,8 @@ def test_slices(data: Path, count: int, size: int) -> tuple[np.ndarray, np.ndarr
         if len(pairs) == count:
             def up(path: Path) -> torch.Tensor:
                 img = torch.from_numpy(read_unit_png(path))[None, None]
-                return torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear")[0, 0]
+                big = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear")
+                return big[0, 0]
 
             ct = torch.stack([up(p.ct) for p in pairs]).clamp(0, 1).numpy()
             mr = torch.stack([up(p.mr) for p in pairs]).clamp(0, 1).numpy()

@@ -8,7 +8,8 @@ Not a timed test. In one run it sends the same series (default: the 205-slice MR
 * ``dcmtk``: DCMTK ``storescp`` (writes files, no fsync, no index),
 
 each on a free loopback port with a fresh output folder, and prints instances/s per receiver and
-the ratios to the node. The DCMTK programs run with ``TCP_NODELAY=1`` (without it they stall
+the ratios to the node (the node is measured once its worker process has started, see
+``READY_MARKERS``). The DCMTK programs run with ``TCP_NODELAY=1`` (without it they stall
 about 40 ms per instance). Each receiver is measured ``--repeat`` times (fresh storage each time)
 and the median is reported. Target: node >= 0.9 x pynetdicom storescp.
 
@@ -104,6 +105,25 @@ RECEIVERS: dict[str, Callable[[int, str, Path, Path], tuple[list[str], dict[str,
 }
 
 
+READY_MARKERS: dict[str, str] = {"node": " started (device "}
+"""Log text a receiver prints once it is fully started. ``dicom-node serve`` listens at once
+and then starts its worker process, whose imports (torch) take a few seconds of both cores:
+the measurement starts after that, in the node's steady state."""
+
+
+def wait_ready(proc: subprocess.Popen[bytes], log: Path, marker: str, timeout: float = 120) -> None:
+    """Wait until ``marker`` appears in the receiver's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            tail = log.read_text()[-3000:]
+            raise RuntimeError(f"receiver exited with {proc.returncode}:\n{tail}")
+        time.sleep(0.1)
+    raise RuntimeError(f"receiver not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
 def count_dicom_files(folder: Path) -> int:
     """Received files below ``folder`` (DCMTK storescp names them without .dcm)."""
     skip = {".yaml", ".sqlite3", ".log", ".tmp", ".part"}
@@ -128,6 +148,8 @@ def run_once(name: str, files: list[Path], data: Path, tmp_root: Path | None = N
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=work)
         try:
             wait_listening(proc, port, log)
+            if name in READY_MARKERS:
+                wait_ready(proc, log, READY_MARKERS[name])
             scu = [str(DCMTK / "storescu"), "-aet", CALLING, "-aec", aet, "+sd", "+r",
                    "127.0.0.1", str(port), str(data)]  # fmt: skip
             start = time.perf_counter()

@@ -35,7 +35,7 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -232,6 +232,24 @@ def parse_header(encoded: bytes) -> _Header:
     return _Header(sop_uid, sop_class, study_uid, series_uid, ts, attrs)
 
 
+# Index statements of the C-STORE path, built once (building them costs more than running them).
+_SELECT_INSTANCE = select(
+    Instance.sha256, Instance.transfer_syntax_uid, Instance.path, Instance.size
+).where(Instance.sop_instance_uid == bindparam("uid"))
+_SELECT_SERIES = (
+    select(Series.id, Study.study_instance_uid, Patient.patient_id, Patient.issuer_of_patient_id)
+    .join(Study, Series.study_pk == Study.id)
+    .join(Patient, Study.patient_pk == Patient.id)
+    .where(Series.series_instance_uid == bindparam("uid"))
+)
+_INSERT_INSTANCE = insert(Instance)
+_COUNT_INSTANCE = (
+    update(Series)
+    .where(Series.id == bindparam("pk"))
+    .values(number_of_instances=Series.number_of_instances + 1, last_received_at=bindparam("now"))
+)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -393,9 +411,10 @@ class Store:
         try:
             # Explicit commit below; leaving the block without it rolls back (read-only paths).
             with self._sessions() as session:
-                existing = session.scalar(
-                    select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-                )
+                conn = session.connection()
+                existing = conn.execute(
+                    _SELECT_INSTANCE, {"uid": header.sop_instance_uid}
+                ).first()
                 if existing is not None:
                     if (
                         existing.sha256 == digest
@@ -427,27 +446,31 @@ class Store:
                         f"instance {header.sop_instance_uid} already stored with different content"
                     )
 
-                series = self._series_for(session, header, calling_aet, now)
-                session.add(
-                    Instance(
-                        sop_instance_uid=header.sop_instance_uid,
-                        series=series,
-                        sop_class_uid=header.sop_class_uid,
-                        transfer_syntax_uid=header.transfer_syntax_uid,
-                        path=rel.as_posix(),
-                        size=size,
-                        sha256=digest,
-                        instance_number=a["instance_number"],
-                        image_position_patient=a["image_position_patient"],
-                        slice_position=a["slice_position"],
-                        number_of_frames=a["number_of_frames"],
-                        received_at=now,
-                        calling_aet=calling_aet,
-                    )
+                # The common case (a further instance of a known series) is one joined look-up,
+                # one INSERT and one UPDATE through the connection, without the ORM's unit of
+                # work; the first instance of a series creates its rows through the ORM.
+                series_pk = self._known_series(session, header)
+                if series_pk is None:
+                    series_pk = self._series_for(session, header, calling_aet, now).id
+                conn.execute(
+                    _INSERT_INSTANCE,
+                    {
+                        "sop_instance_uid": header.sop_instance_uid,
+                        "series_pk": series_pk,
+                        "sop_class_uid": header.sop_class_uid,
+                        "transfer_syntax_uid": header.transfer_syntax_uid,
+                        "path": rel.as_posix(),
+                        "size": size,
+                        "sha256": digest,
+                        "instance_number": a["instance_number"],
+                        "image_position_patient": a["image_position_patient"],
+                        "slice_position": a["slice_position"],
+                        "number_of_frames": a["number_of_frames"],
+                        "received_at": now,
+                        "calling_aet": calling_aet,
+                    },
                 )
-                series.number_of_instances += 1
-                series.last_received_at = now
-                session.flush()
+                conn.execute(_COUNT_INSTANCE, {"pk": series_pk, "now": now})
                 tmp = written.result()  # durable temporary file (raises if writing failed)
                 try:
                     os.replace(tmp, final)
@@ -478,6 +501,32 @@ class Store:
                 _unlink_quietly(final)
             raise
         return result
+
+    def _known_series(self, session: Session, header: _Header) -> int | None:
+        """Primary key of the header's series if indexed (None if new); refuse mixing."""
+        a = header.attrs
+        row = session.connection().execute(_SELECT_SERIES, {"uid": header.series_uid}).first()
+        if row is None:
+            return None
+        if row.study_instance_uid != header.study_uid:
+            log.warning(
+                "refused instance %s: series %s is indexed under another study",
+                header.sop_instance_uid,
+                header.series_uid,
+            )
+            raise ConflictingInstanceError(
+                f"series {header.series_uid} already belongs to a different study"
+            )
+        if (row.patient_id, row.issuer_of_patient_id) != (a["patient_id"], a["issuer"]):
+            log.warning(
+                "refused instance %s: study %s is indexed under another patient",
+                header.sop_instance_uid,
+                header.study_uid,
+            )
+            raise ConflictingInstanceError(
+                f"study {header.study_uid} already belongs to a different patient"
+            )
+        return int(row.id)
 
     def _series_for(
         self, session: Session, header: _Header, calling_aet: str, now: datetime
@@ -542,6 +591,7 @@ class Store:
                 state="receiving",
             )
             session.add(series)
+            session.flush()  # assigns series.id
         elif series.study is not study:
             log.warning(
                 "refused instance %s: series %s is indexed under another study",

@@ -94,6 +94,25 @@ class Report:
         return out
 
 
+def shortfalls(report: Report, network_methods: Sequence[str]) -> list[str]:
+    """One plain sentence per missed target item: which methods score higher, by how much."""
+    d = report.default
+    lines = []
+    others_net = [x for x in network_methods if x != d] + ["pixel-average"]
+    for metric in (*TARGET_FIRST, *TARGET_ABOVE_NETWORK):
+        pool = report.methods if metric in TARGET_FIRST else others_net
+        ahead = [m for m in pool if m != d and m in report.methods
+                 and report.mean(m, metric) >= report.mean(d, metric)]
+        if not ahead:
+            continue
+        ahead.sort(key=lambda m: -report.mean(m, metric))
+        parts = [f"`{m}` {_fmt(report.mean(m, metric), metric)} "
+                 f"(p = {_fmt_p(report.p_value(m, metric))})" for m in ahead]
+        lines.append(f"{metric}: `{d}` scores {_fmt(report.mean(d, metric), metric)}, "
+                     f"below {', '.join(parts)}.")
+    return lines
+
+
 def _fmt(x: float, metric: str) -> str:
     if not math.isfinite(x):
         return "n/a"
@@ -143,6 +162,10 @@ def render_markdown(report: Report, network_methods: Sequence[str], title: str) 
     lines += ["", "Quality target:", ""]
     for text, ok in report.target_checks(network_methods).items():
         lines.append(f"- [{'x' if ok else ' '}] {text}")
+    missed = shortfalls(report, network_methods)
+    if missed:
+        lines += ["", "Where the default falls short:", ""]
+        lines += [f"- {text}" for text in missed]
     lines.append("")
     return "\n".join(lines)
 

@@ -181,10 +181,8 @@ class LoadedModel:
     def _run(self, ct: torch.Tensor, mr: torch.Tensor, fusion: FusionFn) -> torch.Tensor:
         a = ct.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         b = mr.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-        if self.fused_ops:
-            out = onednn.fuse(self.net, a, b, fusion)
-        else:
-            out = self.net.fuse(a, b, fusion)
+        fused = onednn.fuse if self.fused_ops else FusionNet.fuse
+        out = fused(self.net, a, b, fusion)
         return out.float().clamp_(0.0, 1.0)
 
 

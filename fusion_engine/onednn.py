@@ -32,7 +32,7 @@ _NO_SCALARS: list[float] = []
 @functools.cache
 def available() -> bool:
     """True when this torch build offers oneDNN's fused convolution operators."""
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return False
     try:
         ops = torch.ops.mkldnn
@@ -81,7 +81,7 @@ def _res2net(block: Res2NetBlock, x: Tensor) -> Tensor:
         # about three times slower than copying it dense first and then adding
         xi = xs[i].contiguous(memory_format=torch.channels_last)
         inp = xi if prev is None else xi.add_(prev)
-        first, second = branch[0], branch[2]
+        first, second = branch[0], branch[2]  # type: ignore[index]
         if not isinstance(first, nn.Conv2d) or not isinstance(second, nn.Conv2d):
             raise TypeError("unexpected Res2Net branch layout")
         prev = conv3_reflect(conv3_reflect(inp, first, relu=True), second, relu=True)

@@ -109,3 +109,20 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     for cmd in ("fuse", "fuse-pairs", "evaluate", "train"):
         assert cmd in text
     assert shutil.which("fusion-engine") is not None
+
+
+def test_shortfalls_name_the_methods_ahead() -> None:
+    from fusion_engine.evaluate import Report, shortfalls
+
+    metrics = ["AG", "SF", "EN", "Qabf", "VIFF"]
+    def col(v: float) -> dict[str, list[float]]:
+        return {k: [v, v + 0.01] for k in metrics}
+    scores = {"mean-attention": col(0.5), "addition": col(0.4), "pixel-average": col(0.3),
+              "pixel-maximum": col(0.3)}
+    scores["pixel-maximum"]["VIFF"] = [0.7, 0.72]
+    scores["addition"]["EN"] = [0.9, 0.9]
+    r = Report(list(scores), metrics, ["p1", "p2"], scores, "mean-attention")
+    text = shortfalls(r, ["mean-attention", "addition"])
+    assert len(text) == 2
+    assert text[0].startswith("VIFF") and "`pixel-maximum` 0.710" in text[0]
+    assert text[1].startswith("EN") and "`addition`" in text[1]
