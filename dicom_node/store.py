@@ -509,23 +509,9 @@ class Store:
         if row is None:
             return None
         if row.study_instance_uid != header.study_uid:
-            log.warning(
-                "refused instance %s: series %s is indexed under another study",
-                header.sop_instance_uid,
-                header.series_uid,
-            )
-            raise ConflictingInstanceError(
-                f"series {header.series_uid} already belongs to a different study"
-            )
+            raise _conflict(header, "series", header.series_uid, "study")
         if (row.patient_id, row.issuer_of_patient_id) != (a["patient_id"], a["issuer"]):
-            log.warning(
-                "refused instance %s: study %s is indexed under another patient",
-                header.sop_instance_uid,
-                header.study_uid,
-            )
-            raise ConflictingInstanceError(
-                f"study {header.study_uid} already belongs to a different patient"
-            )
+            raise _conflict(header, "study", header.study_uid, "patient")
         return int(row.id)
 
     def _series_for(
@@ -560,14 +546,7 @@ class Store:
             )
             session.add(study)
         elif study.patient is not patient:
-            log.warning(
-                "refused instance %s: study %s is indexed under another patient",
-                header.sop_instance_uid,
-                header.study_uid,
-            )
-            raise ConflictingInstanceError(
-                f"study {header.study_uid} already belongs to a different patient"
-            )
+            raise _conflict(header, "study", header.study_uid, "patient")
         series = session.scalar(
             select(Series).where(Series.series_instance_uid == header.series_uid)
         )
@@ -593,14 +572,7 @@ class Store:
             session.add(series)
             session.flush()  # assigns series.id
         elif series.study is not study:
-            log.warning(
-                "refused instance %s: series %s is indexed under another study",
-                header.sop_instance_uid,
-                header.series_uid,
-            )
-            raise ConflictingInstanceError(
-                f"series {header.series_uid} already belongs to a different study"
-            )
+            raise _conflict(header, "series", header.series_uid, "study")
         return series
 
     # -- reading -------------------------------------------------------------------------
@@ -624,3 +596,15 @@ class Store:
             )
         )
         return [self.root / r.path for r in rows]
+
+
+def _conflict(header: _Header, kind: str, uid: str, owner: str) -> ConflictingInstanceError:
+    """Log and build the refusal of an instance whose series or study belongs elsewhere."""
+    log.warning(
+        "refused instance %s: %s %s is indexed under another %s",
+        header.sop_instance_uid,
+        kind,
+        uid,
+        owner,
+    )
+    return ConflictingInstanceError(f"{kind} {uid} already belongs to a different {owner}")
