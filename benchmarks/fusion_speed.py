@@ -1,8 +1,12 @@
 """Fusion throughput against this machine's fp32 GEMM rate.
 
-Usage: ``python benchmarks/fusion_speed.py [--threads N] [--batch 4] [--slices 16] [--size 512]``
+Usage: ``python benchmarks/fusion_speed.py [--threads N] [--batch 2] [--slices 8] [--size 512]``
 
-1. torch fp32 matrix multiply 2048 x 2048 (same thread count): GFLOP/s = 2 n^3 / t.
+1. torch fp32 matrix multiply 2048 x 2048 (same thread count): GFLOP/s = 2 n^3 / t, measured
+   once at the start and again just before every timed run (a shared virtual machine's rate
+   drifts by tens of percent within minutes): the "x GEMM" column is the median over the runs
+   of each run's rate divided by the GEMM rate measured just before it; "GEMM" is the median
+   of those GEMM rates.
 2. ``fusion_engine`` fusion of size x size slices with the shipped weights, for each precision
    path (fp32 NCHW, channels_last fp32, bf16 channels_last where the CPU supports it):
    ms per slice and effective GFLOP/s = 2 x multiply-adds of (two extractors + one
@@ -13,7 +17,9 @@ The slices are the AANLIB validation pairs (``--data``, default ../shared/data) 
 size x size, so that the PSNR reflects real anatomy; without that data, smoothed random images
 (a PSNR on noise says little: near-ties between the sources flip under any rounding).
 
-Timings are medians of repeated runs after warm-up.
+Timings are medians of repeated runs after warm-up, inside
+:func:`fusion_engine.allocator.reuse_freed_memory` as :func:`fusion_engine.volume.fuse_volume`
+runs them (freed activations are reused, not page-faulted in again for every layer).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion_engine.allocator import reuse_freed_memory
 from fusion_engine.data import DEFAULT_VAL_CASES, default_data_root, list_pairs, read_unit_png
-from fusion_engine.inference import LoadedModel, fuse, load_model
+from fusion_engine.inference import LoadedModel, bf16_native, fuse, load_model
 from fusion_engine.model import FUSION_STRATEGIES, macs_per_pixel
 
 
@@ -42,13 +49,6 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 is worth timing on CUDA and on CPUs with native bf16 dot products."""
-    if device.type == "cuda":
-        return True
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -72,6 +72,16 @@ def gemm_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
     c = torch.empty(n, n, device=device)
     t = median_time(lambda: torch.mm(a, b, out=c), repeats)
     return 2.0 * n**3 / t / 1e9
+
+
+def timed_round(run: Callable[[], object], device: str) -> tuple[float, float]:
+    """One timed run of ``run`` (seconds) paired with a GEMM rate measured just before it."""
+    rate = gemm_gflops(repeats=5, device=device)
+    t = time.perf_counter()
+    run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, rate
 
 
 def test_slices(data: Path, count: int, size: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -98,7 +108,7 @@ def main() -> None:
     """Run the benchmark and print a table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--batch", type=int, default=4, help="slices per forward pass")
+    p.add_argument("--batch", type=int, default=2, help="slices per forward pass")
     p.add_argument("--slices", type=int, default=8, help="slices per timed run")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
@@ -115,7 +125,10 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"threads {threads}, device {device}"
     )
-    print("CPU bf16 support:", ", ".join(sorted({"avx512_bf16", "amx_bf16"} & flags)) or "none")
+    print(
+        "CPU flags:", ", ".join(sorted(f for f in flags if f.startswith(("avx", "amx")))) or "none",
+        f"| native bf16: {'yes' if bf16_native(device) else 'no (bf16 not timed)'}",
+    )
 
     gemm = gemm_gflops(device=args.device)
     print(f"fp32 GEMM 2048x2048: {gemm:.1f} GFLOP/s")
@@ -135,11 +148,13 @@ def main() -> None:
         ("channels_last", "channels_last", None),
         (f"channels_last t{args.tile}", "channels_last", args.tile),
     ]
-    if bf16_supported(device):
+    if bf16_native(device):
         paths += [("bf16", "bf16", None), (f"bf16 t{args.tile}", "bf16", args.tile)]
     ref = fuse(ct, mr, device=args.device, precision="fp32", batch_size=args.batch, tile=0)
     print()
-    print(f"{'path':<20}{'ms/slice':>10}{'GFLOP/s':>10}{'x GEMM':>8}{'PSNR vs fp32':>14}")
+    print(
+        f"{'path':<20}{'ms/slice':>10}{'GFLOP/s':>10}{'GEMM':>8}{'x GEMM':>8}{'PSNR vs fp32':>14}"
+    )
     fusion = FUSION_STRATEGIES["mean-attention"]
     for label, prec, tile in paths:
         model = load_model(args.device, prec)
@@ -152,15 +167,20 @@ def main() -> None:
                 for s in range(0, args.slices, args.batch):
                     model.run(ta[s : s + args.batch], tb[s : s + args.batch], fusion, tile)
 
-        t = median_time(run, args.repeats, warmup=1)
-        per_slice = t / args.slices
+        with reuse_freed_memory():  # as fuse_volume: steady state after the first batch
+            run()
+            rounds = [timed_round(run, args.device) for _ in range(args.repeats)]
+        per_slice = statistics.median(t for t, _ in rounds) / args.slices
         gflops = flop_per_slice / per_slice / 1e9
+        ratio = statistics.median(flop_per_slice * args.slices / t / 1e9 / g for t, g in rounds)
+        ref_rate = statistics.median(g for _, g in rounds)
         out = fuse(ct, mr, device=args.device, precision=prec, batch_size=args.batch,
                    tile=tile or 0)
         mse = float(np.mean((out.astype(np.float64) - ref) ** 2))
         psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
         print(
-            f"{label:<20}{per_slice * 1e3:>10.1f}{gflops:>10.1f}{gflops / gemm:>8.2f}"
+            f"{label:<20}{per_slice * 1e3:>10.1f}{gflops:>10.1f}{ref_rate:>8.1f}"
+            f"{ratio:>8.2f}"
             f"{psnr:>12.1f} dB"
         )
 

@@ -177,7 +177,7 @@ class FusionSection(_Section):
 
     strategy: str = "mean-attention"
     ct_window: tuple[float, float] = (40.0, 400.0)
-    batch_size: Annotated[int, Field(ge=1)] = 8
+    batch_size: Annotated[int, Field(ge=1)] = 2
     precision: Literal["auto", "fp32", "channels_last", "bf16"] = "auto"
 
     @field_validator("ct_window")

@@ -72,7 +72,7 @@ class PipelineResult:
 class _Settings:
     strategy: str = "mean-attention"
     ct_window: tuple[float, float] = (40.0, 400.0)
-    batch_size: int = 8
+    batch_size: int = 2
     precision: str = "auto"
     device: str = "auto"
     threads: int | None = None

@@ -5,8 +5,10 @@ Precision paths (``precision=``):
 * ``"fp32"``: plain contiguous float32, the reference;
 * ``"channels_last"``: float32 in NHWC memory layout; on CPU with oneDNN's fused
   convolution + ReLU operators (:mod:`fusion_engine.onednn`), same result up to rounding;
-* ``"bf16"``: bfloat16 weights and activations in NHWC, fused operators on CPU (CPUs with
-  AVX512-BF16/AMX, CUDA);
+* ``"bf16"``: bfloat16 weights and activations in NHWC, fused operators on CPU. Only where
+  the hardware computes bf16 natively (CPUs with AVX512 or AMX, CUDA devices with bf16);
+  elsewhere bf16 is emulated and slower than float32, so the request falls back to
+  ``channels_last`` float32 with a logged warning: the exact result, never a slow one;
 * ``"auto"`` (default): ``channels_last`` on CPU, ``fp32`` on CUDA.
 
 Every path is deterministic for a given machine and thread count; the tests check that the fast
@@ -18,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ import numpy.typing as npt
 import torch
 
 from fusion_engine import onednn
+from fusion_engine.allocator import reuse_freed_memory
 from fusion_engine.errors import InputError, WeightsError
 from fusion_engine.model import FUSION_STRATEGIES, FusionFn, FusionNet
 
@@ -40,6 +44,8 @@ MODEL_RELEASE = "1.0"
 
 STRATEGIES: tuple[str, ...] = tuple(FUSION_STRATEGIES)
 """Strategy names accepted by :func:`fuse` (the first is the default)."""
+
+log = logging.getLogger(__name__)
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "channels_last", "bf16")
 
@@ -130,7 +136,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise InputError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
     if precision == "auto":
         return "channels_last" if device.type == "cpu" else "fp32"
+    if precision == "bf16" and not bf16_native(device):
+        fallback = "channels_last" if device.type == "cpu" else "fp32"
+        log.warning(
+            "precision 'bf16' requested but %s has no native bf16 arithmetic; using %r "
+            "(float32) instead", device, fallback,
+        )
+        return fallback
     return precision
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 convolutions natively (else bf16 is not offered)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu" and onednn.bf16_supported()
 
 
 @dataclass(frozen=True)
@@ -246,7 +266,7 @@ def fuse(
     *,
     strategy: str = "mean-attention",
     device: str = "auto",
-    batch_size: int = 8,
+    batch_size: int = 2,
     threads: int | None = None,
     precision: str = "auto",
     tile: int | None = None,
@@ -277,7 +297,7 @@ def fuse(
     else:
         tile_px = tile or None
     out: npt.NDArray[np.float32] = np.empty_like(a)
-    with _threads(threads), torch.inference_mode():
+    with _threads(threads), torch.inference_mode(), reuse_freed_memory():
         for start in range(0, a.shape[0], batch_size):
             sl = slice(start, start + batch_size)
             ta = torch.from_numpy(np.ascontiguousarray(a[sl]))[:, None]

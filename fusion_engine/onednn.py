@@ -43,6 +43,19 @@ def available() -> bool:
         return False
 
 
+@functools.cache
+def bf16_supported() -> bool:
+    """True when oneDNN runs bf16 convolutions natively on this CPU (AVX512 or AMX).
+
+    Without it torch still computes bf16 convolutions, but through a reference loop more
+    than ten times slower than float32, so callers should not choose bf16 then.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _conv(x: Tensor, conv: nn.Conv2d, *, relu: bool, padding: int) -> Tensor:
     """oneDNN convolution with zero padding and an optional fused ReLU."""
     out: Tensor = torch.ops.mkldnn._convolution_pointwise(

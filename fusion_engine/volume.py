@@ -90,7 +90,7 @@ def fuse_volume(
     *,
     strategy: str = "mean-attention",
     device: str = "auto",
-    batch_size: int = 8,
+    batch_size: int = 2,
     ct_window: tuple[float, float] = DEFAULT_CT_WINDOW,
     progress: Callable[[int, int], None] | None = None,
     slices: Sequence[int] | None = None,
@@ -107,6 +107,7 @@ def fuse_volume(
     ``progress(done, total)`` is called after every batch; ``precision`` is passed to
     :func:`fusion_engine.inference.fuse`.
     """
+    from fusion_engine.allocator import reuse_freed_memory
     from fusion_engine.inference import fuse  # torch is imported only when fusing
 
     for image, what in ((ct_hu, "CT"), (mr_on_ct, "MR"), (mr_mask, "MR mask")):
@@ -135,37 +136,38 @@ def fuse_volume(
     done = 0
     if progress is not None:
         progress(0, total)
-    for start in range(0, total, batch_size):
-        batch = with_mr[start : start + batch_size]
-        ct_unit = out[batch]
-        m = mask[batch]
-        mr_unit = np.clip((mr[batch].astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
-        mr_unit = np.where(m, np.nan_to_num(mr_unit), 0.0).astype(np.float32)
-        box = object_box(ct[batch], mr_unit)
-        fused = ct_unit.copy()
-        if box is not None:
-            rows, cols = box
-            crop = (slice(None), rows, cols)
-            part = np.asarray(
-                fuse(
-                    np.ascontiguousarray(ct_unit[crop]),
-                    np.ascontiguousarray(mr_unit[crop]),
-                    strategy=strategy,
-                    device=device,
-                    batch_size=batch_size,
-                    threads=threads,
-                    precision=precision,
-                ),
-                dtype=np.float32,
-            )
-            expected = ct_unit[crop].shape
-            if part.shape != expected:
-                raise InputError(f"fuse returned shape {part.shape}, expected {expected}")
-            fused[crop] = part
-        out[batch] = np.where(m, np.clip(fused, 0.0, 1.0), ct_unit)
-        done += len(batch)
-        if progress is not None:
-            progress(done, total)
+    with reuse_freed_memory():  # one page-in of the working set per volume, not per batch
+        for start in range(0, total, batch_size):
+            batch = with_mr[start : start + batch_size]
+            ct_unit = out[batch]
+            m = mask[batch]
+            mr_unit = np.clip((mr[batch].astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+            mr_unit = np.where(m, np.nan_to_num(mr_unit), 0.0).astype(np.float32)
+            box = object_box(ct[batch], mr_unit)
+            fused = ct_unit.copy()
+            if box is not None:
+                rows, cols = box
+                crop = (slice(None), rows, cols)
+                part = np.asarray(
+                    fuse(
+                        np.ascontiguousarray(ct_unit[crop]),
+                        np.ascontiguousarray(mr_unit[crop]),
+                        strategy=strategy,
+                        device=device,
+                        batch_size=batch_size,
+                        threads=threads,
+                        precision=precision,
+                    ),
+                    dtype=np.float32,
+                )
+                expected = ct_unit[crop].shape
+                if part.shape != expected:
+                    raise InputError(f"fuse returned shape {part.shape}, expected {expected}")
+                fused[crop] = part
+            out[batch] = np.where(m, np.clip(fused, 0.0, 1.0), ct_unit)
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
 
     if slices is not None:
         _interpolate_between(out, wanted)

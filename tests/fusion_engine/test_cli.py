@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,9 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for cmd in ("fuse", "fuse-pairs", "evaluate", "train"):
         assert cmd in text
-    assert shutil.which("fusion-engine") is not None
+    # the console script is installed beside the interpreter (on PATH once the venv is active)
+    bindir = str(Path(sys.executable).parent)
+    assert shutil.which("fusion-engine") or shutil.which("fusion-engine", path=bindir)
 
 
 def test_shortfalls_name_the_methods_ahead() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from fusion_engine import onednn
 from fusion_engine.errors import InputError, WeightsError
 from fusion_engine.inference import (
     MODEL_VERSION,
@@ -21,6 +24,7 @@ from fusion_engine.inference import (
     fuse,
     load_model,
     load_state_dict,
+    resolve_precision,
 )
 
 
@@ -95,6 +99,18 @@ def test_fast_paths_within_45_db_of_fp32(precision: str) -> None:
     ref = fuse(ct, mr, device="cpu", precision="fp32")
     fast = fuse(ct, mr, device="cpu", precision=precision)
     assert _psnr(fast, ref) >= 45.0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_only_where_the_cpu_computes_it_natively(
+    native: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Emulated bf16 is slower than fp32 and less exact: fall back to fp32 with a warning."""
+    monkeypatch.setattr(onednn, "bf16_supported", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="fusion_engine.inference"):
+        chosen = resolve_precision("bf16", torch.device("cpu"))
+    assert chosen == ("bf16" if native else "channels_last")
+    assert ("no native bf16" in caplog.text) is not native
 
 
 @pytest.mark.parametrize(
