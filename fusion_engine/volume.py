@@ -13,9 +13,9 @@ CT window is the honest picture of what is known. Slices without any MR data are
 through the network at all. Callers say this in the output's description
 ("CT only outside MR").
 
-Only the bounding box of the imaged object (CT above -500 HU or MR above 10 % of its scale,
-after a 3 x 3 opening that drops isolated noise pixels), widened by :data:`CROP_MARGIN` pixels,
-goes through the network; the margin exceeds the network's receptive-field radius (12 pixels),
+Only the bounding box of the imaged object over the whole volume (CT above -500 HU or MR
+above 10 % of its scale, after a 3 x 3 opening that drops isolated noise pixels), widened by
+:data:`CROP_MARGIN` pixels, goes through the network, the same box for every batch; the margin exceeds the network's receptive-field radius (12 pixels),
 so every pixel inside the box is exactly what the whole slice would give. Outside the box both
 sources are air and the fused image holds the CT-window image (black), as outside the MR.
 """
@@ -23,7 +23,7 @@ sources are air and the fused image holds the CT-window image (black), as outsid
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -72,6 +72,17 @@ def object_box(
     return (
         slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, height)),
         slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, width)),
+    )
+
+
+def _union_box(boxes: Iterable[tuple[slice, slice] | None]) -> tuple[slice, slice] | None:
+    """The smallest (rows, cols) box holding every given box (None if there is none)."""
+    found = [b for b in boxes if b is not None]
+    if not found:
+        return None
+    return (
+        slice(min(r.start for r, _ in found), max(r.stop for r, _ in found)),
+        slice(min(c.start for _, c in found), max(c.stop for _, c in found)),
     )
 
 
@@ -132,26 +143,32 @@ def fuse_volume(
         out[z : z + 16] = ct_to_unit(ct[z : z + 16], ct_window)
 
     with_mr = [z for z in wanted if mask[z].any()]
+
+    def mr_unit_of(batch: list[int]) -> npt.NDArray[np.float32]:
+        unit = np.clip((mr[batch].astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+        return np.where(mask[batch], np.nan_to_num(unit), 0.0).astype(np.float32)
+
+    # One box for the whole volume: every batch has the same shape, so the freed activations
+    # of one batch fit the next (allocator.reuse_freed_memory) and no slice's result depends
+    # on which slices share its batch.
+    box = _union_box(
+        object_box(ct[chunk], mr_unit_of(chunk))
+        for chunk in (with_mr[i : i + 16] for i in range(0, len(with_mr), 16))
+    )
     total = len(with_mr)
-    done = 0
     if progress is not None:
         progress(0, total)
     with reuse_freed_memory():  # one page-in of the working set per volume, not per batch
         for start in range(0, total, batch_size):
             batch = with_mr[start : start + batch_size]
             ct_unit = out[batch]
-            m = mask[batch]
-            mr_unit = np.clip((mr[batch].astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
-            mr_unit = np.where(m, np.nan_to_num(mr_unit), 0.0).astype(np.float32)
-            box = object_box(ct[batch], mr_unit)
             fused = ct_unit.copy()
             if box is not None:
-                rows, cols = box
-                crop = (slice(None), rows, cols)
+                crop = (slice(None), *box)
                 part = np.asarray(
                     fuse(
                         np.ascontiguousarray(ct_unit[crop]),
-                        np.ascontiguousarray(mr_unit[crop]),
+                        np.ascontiguousarray(mr_unit_of(batch)[crop]),
                         strategy=strategy,
                         device=device,
                         batch_size=batch_size,
@@ -164,10 +181,9 @@ def fuse_volume(
                 if part.shape != expected:
                     raise InputError(f"fuse returned shape {part.shape}, expected {expected}")
                 fused[crop] = part
-            out[batch] = np.where(m, np.clip(fused, 0.0, 1.0), ct_unit)
-            done += len(batch)
+            out[batch] = np.where(mask[batch], np.clip(fused, 0.0, 1.0), ct_unit)
             if progress is not None:
-                progress(done, total)
+                progress(min(start + batch_size, total), total)
 
     if slices is not None:
         _interpolate_between(out, wanted)

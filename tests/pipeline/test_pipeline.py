@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from dicom_node.pipeline import PipelineResult, run_offline
+from fusion_engine.intensity import ct_to_unit
 from fusion_engine.volume import fuse_volume
 from tests.peers import MRIDIR, require_full_data
 from tests.pipeline.conftest import (
@@ -144,8 +145,6 @@ def test_registered_mr_aligns_with_ct(offline_run: OfflineRun) -> None:
 
 def test_fuse_volume_policy_outside_mr() -> None:
     """Outside the MR mask the fused volume is exactly the CT window image."""
-    from fusion_engine.intensity import ct_to_unit
-
     rng = np.random.default_rng(0)
     ct_arr = rng.uniform(-1000, 1500, size=(6, 32, 32)).astype(np.float32)
     mr_arr = rng.uniform(0, 1000, size=(6, 32, 32)).astype(np.float32)
@@ -177,6 +176,22 @@ def test_fuse_volume_policy_outside_mr() -> None:
     )
     np.testing.assert_allclose(sub[2], 0.5 * (sub[1] + sub[3]), atol=1e-6)
     np.testing.assert_array_equal(sub[0], unit[0])
+
+
+def test_fuse_volume_does_not_depend_on_batch_size() -> None:
+    """One crop box per volume: a slice's result is the same whatever shares its batch."""
+    zz, yy, xx = np.mgrid[0:5, 0:64, 0:64]
+    radius = 8 + 4 * zz  # the head grows from slice to slice
+    inside = (yy - 32) ** 2 + (xx - 32) ** 2 < radius**2
+    rng = np.random.default_rng(1)
+    ct_arr = np.where(inside, rng.uniform(-100, 200, inside.shape), -1000).astype(np.float32)
+    mr_arr = np.where(inside, rng.uniform(100, 900, inside.shape), 0).astype(np.float32)
+    mask_arr = np.ones(inside.shape, np.uint8)
+    images = [sitk.GetImageFromArray(a) for a in (ct_arr, mr_arr, mask_arr)]
+    one = sitk.GetArrayFromImage(fuse_volume(*images, device="cpu", batch_size=1))
+    three = sitk.GetArrayFromImage(fuse_volume(*images, device="cpu", batch_size=3))
+    np.testing.assert_allclose(one, three, atol=1e-5)
+    assert not np.allclose(one[inside], ct_to_unit(ct_arr)[inside], atol=1e-3)  # MR went in
 
 
 @pytest.mark.slow
