@@ -15,9 +15,10 @@ through the network at all. Callers say this in the output's description
 
 Only the bounding box of the imaged object over the whole volume (CT above -500 HU or MR
 above 10 % of its scale, after a 3 x 3 opening that drops isolated noise pixels), widened by
-:data:`CROP_MARGIN` pixels, goes through the network, the same box for every batch; the margin exceeds the network's receptive-field radius (12 pixels),
-so every pixel inside the box is exactly what the whole slice would give. Outside the box both
-sources are air and the fused image holds the CT-window image (black), as outside the MR.
+:data:`CROP_MARGIN` pixels, goes through the network, the same box for every batch. The margin
+exceeds the network's receptive-field radius (12 pixels), so every pixel inside the box is what
+the whole slice would give (up to rounding). Outside the box both sources are air and the fused
+image holds the CT-window image (black), as outside the MR.
 """
 
 from __future__ import annotations
