@@ -268,6 +268,20 @@ def _configure_compute(config: NodeConfig) -> None:
             pass
 
 
+def _compute(config: NodeConfig) -> str:
+    """"device D, precision P" as fusion will run (bf16 without native support says fp32)."""
+    from fusion_engine.errors import FusionEngineError
+    from fusion_engine.inference import resolve_device, resolve_precision
+
+    try:
+        device = resolve_device(config.worker.device)
+        precision = resolve_precision(config.fusion.precision, device)
+    except FusionEngineError as exc:
+        log.error("fusion compute settings cannot be used: %s; jobs will fail until fixed", exc)
+        return f"device {config.worker.device} (unusable), precision {config.fusion.precision}"
+    return f"device {device}, precision {precision}"
+
+
 def main(config: NodeConfig, config_file: Path | None = None, *,
          stop: threading.Event | None = None, max_jobs: int | None = None) -> int:
     """Run a worker until SIGTERM/SIGINT (or ``stop`` is set); returns the exit code.
@@ -300,7 +314,7 @@ def main(config: NodeConfig, config_file: Path | None = None, *,
     if in_main:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    log.info("worker %s started (device %s, threads %s)", ctx.worker_id, config.worker.device,
+    log.info("worker %s started (%s, threads %s)", ctx.worker_id, _compute(config),
              config.worker.threads or "default")
     done = 0
     last_recovery = 0.0
