@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from dicom_node.errors import ConfigError
+from fusion_engine import DEFAULT_BATCH_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class FusionSection(_Section):
 
     strategy: str = "mean-attention"
     ct_window: tuple[float, float] = (40.0, 400.0)
-    batch_size: Annotated[int, Field(ge=1)] = 2
+    batch_size: Annotated[int, Field(ge=1)] = DEFAULT_BATCH_SIZE
     precision: Literal["auto", "fp32", "channels_last", "bf16"] = "auto"
 
     @field_validator("ct_window")

@@ -38,6 +38,7 @@ from pydicom.dataset import Dataset
 from dicom_node import derive
 from dicom_node.errors import PipelineError
 from dicom_node.volumes import SeriesVolume, read_series_dir
+from fusion_engine import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     from dicom_node.config import NodeConfig
@@ -72,7 +73,7 @@ class PipelineResult:
 class _Settings:
     strategy: str = "mean-attention"
     ct_window: tuple[float, float] = (40.0, 400.0)
-    batch_size: int = 2
+    batch_size: int = DEFAULT_BATCH_SIZE
     precision: str = "auto"
     device: str = "auto"
     threads: int | None = None

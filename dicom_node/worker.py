@@ -268,7 +268,7 @@ def _configure_compute(config: NodeConfig) -> None:
             pass
 
 
-def _compute(config: NodeConfig) -> str:
+def _compute_summary(config: NodeConfig) -> str:
     """"device D, precision P" as fusion will run (bf16 without native support says fp32)."""
     from fusion_engine.errors import FusionEngineError
     from fusion_engine.inference import resolve_device, resolve_precision
@@ -314,7 +314,7 @@ def main(config: NodeConfig, config_file: Path | None = None, *,
     if in_main:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    log.info("worker %s started (%s, threads %s)", ctx.worker_id, _compute(config),
+    log.info("worker %s started (%s, threads %s)", ctx.worker_id, _compute_summary(config),
              config.worker.threads or "default")
     done = 0
     last_recovery = 0.0

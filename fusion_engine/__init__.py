@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+DEFAULT_BATCH_SIZE = 2
+"""Slices per inference batch unless the caller says otherwise. With freed memory reused
+(:mod:`fusion_engine.allocator`) larger batches were no faster on the CPU, only larger."""
+
 _EXPORTS: dict[str, str] = {
     "fuse": "fusion_engine.inference",
     "STRATEGIES": "fusion_engine.inference",
@@ -35,6 +39,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
     "DEFAULT_CT_WINDOW",
     "MODEL_VERSION",
     "STRATEGIES",

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fusion_engine import onednn
+from fusion_engine import DEFAULT_BATCH_SIZE, onednn
 from fusion_engine.allocator import reuse_freed_memory
 from fusion_engine.errors import InputError, WeightsError
 from fusion_engine.model import FUSION_STRATEGIES, FusionFn, FusionNet
@@ -266,7 +266,7 @@ def fuse(
     *,
     strategy: str = "mean-attention",
     device: str = "auto",
-    batch_size: int = 2,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
     precision: str = "auto",
     tile: int | None = None,

@@ -18,13 +18,13 @@ def test_bf16_request_is_reported_as_it_will_run(
 ) -> None:
     monkeypatch.setattr(onednn, "bf16_supported", lambda: native)
     cfg = NodeConfig.model_validate({"worker": {"device": "cpu"}, "fusion": {"precision": "bf16"}})
-    assert worker._compute(cfg) == f"device cpu, precision {expected}"
+    assert worker._compute_summary(cfg) == f"device cpu, precision {expected}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unusable_device_is_logged_at_start(caplog: pytest.LogCaptureFixture) -> None:
     cfg = NodeConfig.model_validate({"worker": {"device": "cuda"}})
     with caplog.at_level(logging.ERROR, logger="dicom_node.worker"):
-        summary = worker._compute(cfg)
+        summary = worker._compute_summary(cfg)
     assert "unusable" in summary
     assert "CUDA is not available" in caplog.text
