@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fusion_engine.data import default_data_root, read_dicom_series
 from fusion_engine.intensity import ct_to_unit, unit_to_uint8
-from fusion_engine.metrics import ag, en
+from fusion_engine.research.data import default_data_root, read_dicom_series
+from fusion_engine.research.metrics import ag, en
 
 WINDOWS = [(40, 80), (40, 400), (60, 600), (100, 1000), (300, 1500), (400, 2000)]
 SLICES = [60, 100, 140]
@@ -48,12 +48,15 @@ def main() -> None:
         rows.append(np.concatenate(tiles, 1))
         soft = min(150 / w, 1.0)
         edge = (min(1000, c + w / 2) - max(50, c - w / 2)) / w
-        print(f"{c:>4},{w:<5} {np.mean(ens):7.2f} {np.mean(ags):5.2f} {100 * np.mean(hi):8.1f}"
-              f" {100 * np.mean(lo):12.1f} {soft:11.3f} {edge:9.3f}")
+        print(
+            f"{c:>4},{w:<5} {np.mean(ens):7.2f} {np.mean(ags):5.2f} {100 * np.mean(hi):8.1f}"
+            f" {100 * np.mean(lo):12.1f} {soft:11.3f} {edge:9.3f}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     img = np.concatenate(rows, 0)
     Image.fromarray(img).resize((img.shape[1] // 3, img.shape[0] // 3)).save(
-        args.out / "windows.png")
+        args.out / "windows.png"
+    )
     print(f"montage: {args.out / 'windows.png'}")
 
 

@@ -35,9 +35,14 @@ import numpy as np
 import torch
 
 from fusion_engine.allocator import reuse_freed_memory
-from fusion_engine.data import DEFAULT_VAL_CASES, default_data_root, list_pairs, read_unit_png
 from fusion_engine.inference import LoadedModel, bf16_native, fuse, load_model
 from fusion_engine.model import FUSION_STRATEGIES, macs_per_pixel
+from fusion_engine.research.data import (
+    DEFAULT_VAL_CASES,
+    default_data_root,
+    list_pairs,
+    read_unit_png,
+)
 
 
 def cpu_flags() -> set[str]:
@@ -90,6 +95,7 @@ def test_slices(data: Path, count: int, size: int) -> tuple[np.ndarray, np.ndarr
     if pairs_dir.is_dir():
         pairs = list_pairs(pairs_dir, set(DEFAULT_VAL_CASES))[:count]
         if len(pairs) == count:
+
             def up(path: Path) -> torch.Tensor:
                 img = torch.from_numpy(read_unit_png(path))[None, None]
                 big = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear")
@@ -126,7 +132,8 @@ def main() -> None:
         f"threads {threads}, device {device}"
     )
     print(
-        "CPU flags:", ", ".join(sorted(f for f in flags if f.startswith(("avx", "amx")))) or "none",
+        "CPU flags:",
+        ", ".join(sorted(f for f in flags if f.startswith(("avx", "amx")))) or "none",
         f"| native bf16: {'yes' if bf16_native(device) else 'no (bf16 not timed)'}",
     )
 
@@ -161,8 +168,12 @@ def main() -> None:
         ta = torch.from_numpy(ct)[:, None]
         tb = torch.from_numpy(mr)[:, None]
 
-        def run(model: LoadedModel = model, ta: torch.Tensor = ta, tb: torch.Tensor = tb,
-                tile: int | None = tile) -> None:
+        def run(
+            model: LoadedModel = model,
+            ta: torch.Tensor = ta,
+            tb: torch.Tensor = tb,
+            tile: int | None = tile,
+        ) -> None:
             with torch.inference_mode():
                 for s in range(0, args.slices, args.batch):
                     model.run(ta[s : s + args.batch], tb[s : s + args.batch], fusion, tile)
@@ -174,8 +185,9 @@ def main() -> None:
         gflops = flop_per_slice / per_slice / 1e9
         ratio = statistics.median(flop_per_slice * args.slices / t / 1e9 / g for t, g in rounds)
         ref_rate = statistics.median(g for _, g in rounds)
-        out = fuse(ct, mr, device=args.device, precision=prec, batch_size=args.batch,
-                   tile=tile or 0)
+        out = fuse(
+            ct, mr, device=args.device, precision=prec, batch_size=args.batch, tile=tile or 0
+        )
         mse = float(np.mean((out.astype(np.float64) - ref) ** 2))
         psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
         print(

@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from dicom_node.errors import ConfigError
-from fusion_engine import DEFAULT_BATCH_SIZE
+from fusion_engine.defaults import DEFAULT_BATCH_SIZE
 
 log = logging.getLogger(__name__)
 

@@ -153,8 +153,9 @@ def heartbeat_thread(beat: Callable[[], bool], interval: float) -> Iterator[thre
 
 
 # --------------------------------------------------------------------------- send rows
-def prepare_sends(sessions: sessionmaker[Session], config: NodeConfig, job_id: int,
-                  files: list[DerivedFile]) -> list[int]:
+def prepare_sends(
+    sessions: sessionmaker[Session], config: NodeConfig, job_id: int, files: list[DerivedFile]
+) -> list[int]:
     """Create the job's Send rows for every destination in ``routing.send_to`` (idempotent).
 
     Returns the ids of the sends not yet done.
@@ -192,8 +193,9 @@ def prepare_sends(sessions: sessionmaker[Session], config: NodeConfig, job_id: i
         ]
 
 
-def _claim_send(sessions: sessionmaker[Session], send_id: int, owner: str, *,
-                due_only: bool) -> bool:
+def _claim_send(
+    sessions: sessionmaker[Session], send_id: int, owner: str, *, due_only: bool
+) -> bool:
     now = utcnow()
     cond = [Send.id == send_id, Send.state.in_((SEND_PENDING, SEND_RETRY))]
     if due_only:
@@ -275,9 +277,7 @@ def send_once(
     permanent = False
     if dest is None:
         error, permanent = f"destination {name!r} is no longer configured", True
-    with heartbeat_thread(
-        lambda: _send_heartbeat(sessions, send_id, owner), cfg.heartbeat_seconds
-    ):
+    with heartbeat_thread(lambda: _send_heartbeat(sessions, send_id, owner), cfg.heartbeat_seconds):
         # one call per series (kind), so acknowledgements are recorded series by series
         for kind in ALL_KINDS:
             if error is not None or dest is None:
@@ -295,8 +295,11 @@ def send_once(
                 )
                 _record_acks(sessions, send_id, list(result.sop_instance_uids))
             except SendError as exc:
-                ok = [f.sop_instance_uid for f in batch if f.sop_instance_uid not in exc.failed
-                      and str(f.path) not in exc.failed]
+                ok = [
+                    f.sop_instance_uid
+                    for f in batch
+                    if f.sop_instance_uid not in exc.failed and str(f.path) not in exc.failed
+                ]
                 if exc.sent and ok:
                     _record_acks(sessions, send_id, ok)
                 error = f"{kind}: {exc}"
@@ -350,16 +353,31 @@ def _finish_attempt(
         session.commit()
         state = str(values.get("state", SEND_SENDING))
     if error is None:
-        log.info("send %d (job %d) to %s done: %d instances acknowledged",
-                 send_id, send.job_id, send.destination, acked)
+        log.info(
+            "send %d (job %d) to %s done: %d instances acknowledged",
+            send_id,
+            send.job_id,
+            send.destination,
+            acked,
+        )
     else:
-        log.warning("send %d (job %d) to %s attempt %d: %s -> %s",
-                    send_id, send.job_id, send.destination, attempts, error, state)
+        log.warning(
+            "send %d (job %d) to %s attempt %d: %s -> %s",
+            send_id,
+            send.job_id,
+            send.destination,
+            attempts,
+            error,
+            state,
+        )
     return state
 
 
 def send_job(
-    sessions: sessionmaker[Session], config: NodeConfig, job_id: int, owner: str,
+    sessions: sessionmaker[Session],
+    config: NodeConfig,
+    job_id: int,
+    owner: str,
     files: list[DerivedFile],
 ) -> dict[str, str]:
     """First send round of a job (from the worker): every destination once. Name -> state."""

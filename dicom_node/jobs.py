@@ -373,13 +373,15 @@ def recover_stale(
     cutoff = now - timedelta(seconds=cfg.lease_seconds)
     recovered: list[int] = []
     with sessions() as session:
-        stale = list(session.scalars(
-            select(Job).where(
-                Job.state.in_(ACTIVE_STATES),
-                Job.worker_id.is_not(None),
-                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
-            )
-        ).all())
+        stale = list(
+            session.scalars(
+                select(Job).where(
+                    Job.state.in_(ACTIVE_STATES),
+                    Job.worker_id.is_not(None),
+                    or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
+                )
+            ).all()
+        )
         if local_host:
             held = session.scalars(
                 select(Job).where(
@@ -411,7 +413,8 @@ def recover_stale(
                     Job.id == job.id,
                     Job.worker_id == job.worker_id,
                     Job.state == job.state,
-                    Job.heartbeat_at.is_(None) if job.heartbeat_at is None
+                    Job.heartbeat_at.is_(None)
+                    if job.heartbeat_at is None
                     else Job.heartbeat_at == job.heartbeat_at,
                 )
                 .values(**values)
@@ -435,8 +438,9 @@ def recover_stale(
             update(Send)
             .where(
                 *stuck,
-                or_(Send.heartbeat_at.is_(None), Send.heartbeat_at < cutoff,
-                    Send.id.in_(dead_sends)),
+                or_(
+                    Send.heartbeat_at.is_(None), Send.heartbeat_at < cutoff, Send.id.in_(dead_sends)
+                ),
             )
             .values(state=SEND_RETRY, worker_id=None, heartbeat_at=None, next_attempt_at=now)
             .execution_options(synchronize_session=False)

@@ -75,14 +75,24 @@ def _sends_summary(sends: list[Send]) -> str:
 def list_jobs(config: NodeConfig, *, state: str | None = None, limit: int = 50) -> int:
     """Print the newest jobs (and CTs waiting for an MR) as a table."""
     if state is not None and state not in (*jobs.STATES, pairing.WAITING):
-        print(f"unknown state {state!r}; one of: {', '.join(jobs.STATES)}, waiting",
-              file=sys.stderr)
+        print(
+            f"unknown state {state!r}; one of: {', '.join(jobs.STATES)}, waiting", file=sys.stderr
+        )
         return EXIT_USAGE
     engine, sessions = _sessions(config)
     now = models.utcnow()
     table = Table(title="fusion jobs")
-    for col in ("id", "state", "patient", "CT series", "MR series", "age", "attempts",
-                "stage times", "sends"):
+    for col in (
+        "id",
+        "state",
+        "patient",
+        "CT series",
+        "MR series",
+        "age",
+        "attempts",
+        "stage times",
+        "sends",
+    ):
         table.add_column(col, overflow="fold")
     try:
         with sessions() as session:
@@ -92,16 +102,27 @@ def list_jobs(config: NodeConfig, *, state: str | None = None, limit: int = 50) 
                     query = query.where(Job.state == state)
                 for job in session.scalars(query).all():
                     table.add_row(
-                        str(job.id), _styled(job.state), job.patient_id,
-                        _short(job.ct_series_uid), _short(job.mr_series_uid),
-                        _age(job.created_at, now), str(job.attempts), _stage_times(job.stages),
+                        str(job.id),
+                        _styled(job.state),
+                        job.patient_id,
+                        _short(job.ct_series_uid),
+                        _short(job.mr_series_uid),
+                        _age(job.created_at, now),
+                        str(job.attempts),
+                        _stage_times(job.stages),
                         _sends_summary(job.sends),
                     )
             if state in (None, pairing.WAITING):
                 for d in pairing.waiting_cts(session):
                     table.add_row(
-                        "-", _styled(pairing.WAITING), d.patient_id, _short(d.ct_series_uid),
-                        "-", _age(d.decided_at, now), "-", "-",
+                        "-",
+                        _styled(pairing.WAITING),
+                        d.patient_id,
+                        _short(d.ct_series_uid),
+                        "-",
+                        _age(d.decided_at, now),
+                        "-",
+                        "-",
                         f"until {d.window_closes_at:%Y-%m-%d}" if d.window_closes_at else "-",
                     )
     finally:
@@ -135,8 +156,11 @@ def show_job(config: NodeConfig, job_id: int) -> int:
             head.add_column("value", overflow="fold")
             rows = [
                 ("state", _styled(job.state)),
-                ("patient", f"{job.patient_id}"
-                 + (f" (issuer {job.issuer_of_patient_id})" if job.issuer_of_patient_id else "")),
+                (
+                    "patient",
+                    f"{job.patient_id}"
+                    + (f" (issuer {job.issuer_of_patient_id})" if job.issuer_of_patient_id else ""),
+                ),
                 ("CT series", f"{job.ct_series_uid} (revision {job.ct_revision})"),
                 ("MR series", f"{job.mr_series_uid} (revision {job.mr_revision})"),
                 ("output revision", str(job.revision)),
@@ -161,18 +185,36 @@ def show_job(config: NodeConfig, job_id: int) -> int:
             for col in ("attempt", "stage", "started", "seconds", "error"):
                 stages.add_column(col, overflow="fold")
             for st in job.stages:
-                stages.add_row(str(st.attempt), st.stage, _fmt(st.started_at),
-                               "-" if st.seconds is None else f"{st.seconds:.1f}",
-                               st.error or "")
+                stages.add_row(
+                    str(st.attempt),
+                    st.stage,
+                    _fmt(st.started_at),
+                    "-" if st.seconds is None else f"{st.seconds:.1f}",
+                    st.error or "",
+                )
             console.print(stages)
 
             sends = Table(title="sends")
-            for col in ("destination", "kinds", "state", "acked", "attempts", "next try",
-                        "last error"):
+            for col in (
+                "destination",
+                "kinds",
+                "state",
+                "acked",
+                "attempts",
+                "next try",
+                "last error",
+            ):
                 sends.add_column(col, overflow="fold")
             for s in job.sends:
-                sends.add_row(s.destination, s.kinds, _styled(s.state), f"{s.acked}/{s.total}",
-                              str(s.attempts), _fmt(s.next_attempt_at), s.last_error or "")
+                sends.add_row(
+                    s.destination,
+                    s.kinds,
+                    _styled(s.state),
+                    f"{s.acked}/{s.total}",
+                    str(s.attempts),
+                    _fmt(s.next_attempt_at),
+                    s.last_error or "",
+                )
             console.print(sends)
 
             decisions = Table(title="pairing decisions for this CT")
@@ -183,8 +225,13 @@ def show_job(config: NodeConfig, job_id: int) -> int:
                 .where(PairingDecision.ct_series_uid == job.ct_series_uid)
                 .order_by(PairingDecision.id)
             ).all():
-                decisions.add_row(_fmt(d.decided_at), d.outcome, _short(d.mr_series_uid),
-                                  str(d.job_id or "-"), d.reason)
+                decisions.add_row(
+                    _fmt(d.decided_at),
+                    d.outcome,
+                    _short(d.mr_series_uid),
+                    str(d.job_id or "-"),
+                    d.reason,
+                )
             console.print(decisions)
     finally:
         engine.dispose()

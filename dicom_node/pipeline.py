@@ -38,7 +38,7 @@ from pydicom.dataset import Dataset
 from dicom_node import derive
 from dicom_node.errors import PipelineError
 from dicom_node.volumes import SeriesVolume, read_series_dir
-from fusion_engine import DEFAULT_BATCH_SIZE
+from fusion_engine.defaults import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     from dicom_node.config import NodeConfig

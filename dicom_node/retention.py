@@ -132,6 +132,11 @@ def clean(sessions: sessionmaker[Session], config: NodeConfig) -> CleanResult:
             job.cleaned_at = now
             result.jobs.append(job.id)
         session.commit()
-    log.info("retention: cleaned %d job(s), %d series, %d files (older than %d days)",
-             len(result.jobs), len(result.series), result.files, config.retention.days)
+    log.info(
+        "retention: cleaned %d job(s), %d series, %d files (older than %d days)",
+        len(result.jobs),
+        len(result.series),
+        result.files,
+        config.retention.days,
+    )
     return result

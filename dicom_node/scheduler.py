@@ -56,15 +56,28 @@ class NodeScheduler:
         add = self._scheduler.add_job
         add(self.scan, "interval", seconds=cfg.scan_interval_seconds, id="scan", next_run_time=now)
         add(self.retry_sends, "interval", seconds=SEND_RETRY_INTERVAL, id="sends")
-        add(self.recover, "interval", seconds=max(0.5, cfg.lease_seconds / 2), id="recover",
-            next_run_time=now)
-        add(self.retention, "interval", seconds=RETENTION_INTERVAL, id="retention",
-            next_run_time=now)
+        add(
+            self.recover,
+            "interval",
+            seconds=max(0.5, cfg.lease_seconds / 2),
+            id="recover",
+            next_run_time=now,
+        )
+        add(
+            self.retention,
+            "interval",
+            seconds=RETENTION_INTERVAL,
+            id="retention",
+            next_run_time=now,
+        )
         if self._supervise is not None:
             add(self.supervise, "interval", seconds=SUPERVISE_INTERVAL, id="supervise")
         self._scheduler.start()
-        log.info("scheduler started (scan every %.1fs, quiet period %.1fs)",
-                 cfg.scan_interval_seconds, self.config.pairing.series_quiet_seconds)
+        log.info(
+            "scheduler started (scan every %.1fs, quiet period %.1fs)",
+            cfg.scan_interval_seconds,
+            self.config.pairing.series_quiet_seconds,
+        )
 
     def stop(self) -> None:
         """Stop the tasks, waiting for running ones."""
@@ -77,8 +90,9 @@ class NodeScheduler:
         self.config = config
         new = jobs.settings(config)
         if new.scan_interval_seconds != old.scan_interval_seconds and self._scheduler.running:
-            self._scheduler.reschedule_job("scan", trigger="interval",
-                                           seconds=new.scan_interval_seconds)
+            self._scheduler.reschedule_job(
+                "scan", trigger="interval", seconds=new.scan_interval_seconds
+            )
 
     # ------------------------------------------------------------------ tasks
     def scan(self) -> None:
@@ -89,8 +103,11 @@ class NodeScheduler:
             log.exception("completion/pairing scan failed")
             return
         if result.jobs:
-            log.info("scan: %d series complete, jobs queued: %s", len(result.completed),
-                     ", ".join(str(j) for j in result.jobs))
+            log.info(
+                "scan: %d series complete, jobs queued: %s",
+                len(result.completed),
+                ", ".join(str(j) for j in result.jobs),
+            )
 
     def retry_sends(self) -> None:
         """Run due per-destination send retries and close jobs whose sends ended."""
@@ -102,8 +119,9 @@ class NodeScheduler:
     def recover(self) -> None:
         """Requeue jobs of workers whose heartbeat stopped."""
         try:
-            jobs.recover_stale(self.sessions, jobs.settings(self.config),
-                               local_host=socket.gethostname())
+            jobs.recover_stale(
+                self.sessions, jobs.settings(self.config), local_host=socket.gethostname()
+            )
         except Exception:
             log.exception("stale job recovery failed")
 

@@ -412,9 +412,7 @@ class Store:
             # Explicit commit below; leaving the block without it rolls back (read-only paths).
             with self._sessions() as session:
                 conn = session.connection()
-                existing = conn.execute(
-                    _SELECT_INSTANCE, {"uid": header.sop_instance_uid}
-                ).first()
+                existing = conn.execute(_SELECT_INSTANCE, {"uid": header.sop_instance_uid}).first()
                 if existing is not None:
                     if (
                         existing.sha256 == digest

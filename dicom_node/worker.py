@@ -131,8 +131,14 @@ def _write_outputs(
 
 def _quality_info(quality: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("metric_value", "mask_dice", "iterations", "seconds", "angle_from_header_deg",
-                "warnings"):
+    for key in (
+        "metric_value",
+        "mask_dice",
+        "iterations",
+        "seconds",
+        "angle_from_header_deg",
+        "warnings",
+    ):
         value = getattr(quality, key, None)
         if isinstance(value, int | float | str | list):
             out[key] = value
@@ -182,8 +188,14 @@ def run_job(ctx: Context, job_id: int) -> str:
         session.expunge(job)
     folder = dispatch.job_dir(config, job_id)
     jobs.set_output_dir(ctx.sessions, job_id, str(folder))
-    log.info("job %d: attempt %d, CT %s + MR %s (revision %d)", job_id, job.attempts,
-             job.ct_series_uid, job.mr_series_uid, job.revision)
+    log.info(
+        "job %d: attempt %d, CT %s + MR %s (revision %d)",
+        job_id,
+        job.attempts,
+        job.ct_series_uid,
+        job.mr_series_uid,
+        job.revision,
+    )
 
     def enter(stage: str) -> None:
         if not jobs.enter_stage(ctx.sessions, job_id, wid, stage):
@@ -206,14 +218,18 @@ def run_job(ctx: Context, job_id: int) -> str:
                 on_stage(jobs.REGISTERING)
                 files = compute(ctx, job, folder, on_stage)
             else:
-                log.info("job %d: reusing %d derived files of an earlier attempt", job_id,
-                         len(files))
+                log.info(
+                    "job %d: reusing %d derived files of an earlier attempt", job_id, len(files)
+                )
             if lost.is_set():
                 raise LeaseLost(f"job {job_id} lease lost")
             enter(jobs.SENDING)
             outcome = dispatch.send_job(ctx.sessions, ctx.config, job_id, wid, files)
-            log.info("job %d: first send round: %s", job_id,
-                     ", ".join(f"{k}={v}" for k, v in outcome.items()) or "no destinations")
+            log.info(
+                "job %d: first send round: %s",
+                job_id,
+                ", ".join(f"{k}={v}" for k, v in outcome.items()) or "no destinations",
+            )
         jobs.release_to_sends(ctx.sessions, job_id, wid)
         return jobs.finish_if_sent(ctx.sessions, job_id) or jobs.SENDING
     except WorkerStopping:
@@ -226,12 +242,14 @@ def run_job(ctx: Context, job_id: int) -> str:
         # Data errors (unreadable series, unreliable registration, ...) fail the same way on
         # every attempt: no retries for them (``dicom-node jobs retry`` still can).
         permanent = isinstance(exc, NodeError) and exc.exit_code == EXIT_DATA
-        detail = f"{type(exc).__name__}: {exc}" + (" (data error: not retried)" if permanent
-                                                   else "")
+        detail = f"{type(exc).__name__}: {exc}" + (
+            " (data error: not retried)" if permanent else ""
+        )
         log.error("job %d failed: %s", job_id, detail)
         log.debug("job %d traceback:\n%s", job_id, traceback.format_exc())
-        return jobs.fail_attempt(ctx.sessions, job_id, wid, detail, cfg,
-                                 permanent=permanent) or "lost"
+        return (
+            jobs.fail_attempt(ctx.sessions, job_id, wid, detail, cfg, permanent=permanent) or "lost"
+        )
 
 
 def _hand_back(sessions: sessionmaker[Session], job_id: int, worker_id: str) -> None:
@@ -240,10 +258,14 @@ def _hand_back(sessions: sessionmaker[Session], job_id: int, worker_id: str) -> 
     with sessions() as session:
         session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.worker_id == worker_id,
-                   Job.state.in_(jobs.ACTIVE_STATES))
-            .values(state=jobs.QUEUED, worker_id=None, heartbeat_at=None, updated_at=now,
-                    attempts=Job.attempts - 1)
+            .where(Job.id == job_id, Job.worker_id == worker_id, Job.state.in_(jobs.ACTIVE_STATES))
+            .values(
+                state=jobs.QUEUED,
+                worker_id=None,
+                heartbeat_at=None,
+                updated_at=now,
+                attempts=Job.attempts - 1,
+            )
             .execution_options(synchronize_session=False)
         )
         session.commit()
@@ -269,7 +291,7 @@ def _configure_compute(config: NodeConfig) -> None:
 
 
 def _compute_summary(config: NodeConfig) -> str:
-    """"device D, precision P" as fusion will run (bf16 without native support says fp32)."""
+    """ "device D, precision P" as fusion will run (bf16 without native support says fp32)."""
     from fusion_engine.errors import FusionEngineError
     from fusion_engine.inference import resolve_device, resolve_precision
 
@@ -282,8 +304,13 @@ def _compute_summary(config: NodeConfig) -> str:
     return f"device {device}, precision {precision}"
 
 
-def main(config: NodeConfig, config_file: Path | None = None, *,
-         stop: threading.Event | None = None, max_jobs: int | None = None) -> int:
+def main(
+    config: NodeConfig,
+    config_file: Path | None = None,
+    *,
+    stop: threading.Event | None = None,
+    max_jobs: int | None = None,
+) -> int:
     """Run a worker until SIGTERM/SIGINT (or ``stop`` is set); returns the exit code.
 
     ``config_file``: when it exists it is watched, so routing and destination edits apply to
@@ -314,8 +341,12 @@ def main(config: NodeConfig, config_file: Path | None = None, *,
     if in_main:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    log.info("worker %s started (%s, threads %s)", ctx.worker_id, _compute_summary(config),
-             config.worker.threads or "default")
+    log.info(
+        "worker %s started (%s, threads %s)",
+        ctx.worker_id,
+        _compute_summary(config),
+        config.worker.threads or "default",
+    )
     done = 0
     last_recovery = 0.0
     try:
@@ -379,8 +410,10 @@ class EmbeddedWorker:
         """Start the worker process."""
         self._stopping = False
         self._proc = self._ctx.Process(
-            target=_embedded_entry, args=(self.config, self.config_file),
-            name="dicom-node-worker", daemon=False,
+            target=_embedded_entry,
+            args=(self.config, self.config_file),
+            name="dicom-node-worker",
+            daemon=False,
         )
         self._proc.start()
         log.info("embedded worker started (pid %s)", self._proc.pid)
@@ -391,8 +424,12 @@ class EmbeddedWorker:
             return
         code = self._proc.exitcode
         self.restarts += 1
-        log.error("embedded worker (pid %s) died with exit code %s: restarting (restart %d)",
-                  self._proc.pid, code, self.restarts)
+        log.error(
+            "embedded worker (pid %s) died with exit code %s: restarting (restart %d)",
+            self._proc.pid,
+            code,
+            self.restarts,
+        )
         self.start()
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -14,15 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-DEFAULT_BATCH_SIZE = 2
-"""Slices per inference batch unless the caller says otherwise. With freed memory reused
-(:mod:`fusion_engine.allocator`) larger batches were no faster on the CPU, only larger."""
+from fusion_engine.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
 
 _EXPORTS: dict[str, str] = {
     "fuse": "fusion_engine.inference",
     "STRATEGIES": "fusion_engine.inference",
     "MODEL_VERSION": "fusion_engine.inference",
-    "DEFAULT_CT_WINDOW": "fusion_engine.intensity",
     "ct_to_unit": "fusion_engine.intensity",
     "mr_to_unit": "fusion_engine.intensity",
     "mr_scale": "fusion_engine.intensity",
@@ -41,6 +38,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CT_WINDOW",
+    "DEFAULT_STRATEGY",
     "MODEL_VERSION",
     "STRATEGIES",
     "FusionEngineError",
@@ -68,7 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         WeightsError,
     )
     from fusion_engine.inference import MODEL_VERSION, STRATEGIES, fuse
-    from fusion_engine.intensity import DEFAULT_CT_WINDOW, ct_to_unit, mr_scale, mr_to_unit
+    from fusion_engine.intensity import ct_to_unit, mr_scale, mr_to_unit
     from fusion_engine.registration import (
         RegistrationQuality,
         RegistrationResult,

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fusion_engine.defaults import DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
 from fusion_engine.errors import FusionEngineError
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ def _cases(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fusion-engine``."""
-    from fusion_engine.data import DEFAULT_VAL_CASES, default_data_root
     from fusion_engine.inference import STRATEGIES
+    from fusion_engine.research.data import DEFAULT_VAL_CASES, default_data_root
 
     p = argparse.ArgumentParser(prog="fusion-engine", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -37,25 +38,38 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("ct", type=Path)
     f.add_argument("mr", type=Path)
     f.add_argument("-o", "--output", type=Path, required=True)
-    f.add_argument("--strategy", default="mean-attention", choices=STRATEGIES)
+    f.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
     f.add_argument("--device", default="auto")
-    f.add_argument("--bits", type=int, choices=(8, 16), default=None,
-                   help="output bit depth (default: that of the CT input)")
+    f.add_argument(
+        "--bits",
+        type=int,
+        choices=(8, 16),
+        default=None,
+        help="output bit depth (default: that of the CT input)",
+    )
 
     fp = sub.add_parser("fuse-pairs", help="fuse DIR/CT/*.png with DIR/MRI/*.png")
     fp.add_argument("--pairs", type=Path, required=True)
     fp.add_argument("--out", type=Path, required=True)
-    fp.add_argument("--strategy", default="mean-attention", choices=STRATEGIES)
+    fp.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
     fp.add_argument("--device", default="auto")
     fp.add_argument("--cases", type=_cases, default=None, help="only these cases, e.g. 21,34")
 
     e = sub.add_parser("evaluate", help="Table-2 style report: strategies vs baselines")
     e.add_argument("--pairs", type=Path, required=True)
     e.add_argument("--out", type=Path, required=True)
-    e.add_argument("--cases", type=_cases, default=None,
-                   help="comma separated cases to evaluate (default: all pairs)")
-    e.add_argument("--split", choices=("all", "val"), default="all",
-                   help=f"'val' = the validation cases {','.join(DEFAULT_VAL_CASES)}")
+    e.add_argument(
+        "--cases",
+        type=_cases,
+        default=None,
+        help="comma separated cases to evaluate (default: all pairs)",
+    )
+    e.add_argument(
+        "--split",
+        choices=("all", "val"),
+        default="all",
+        help=f"'val' = the validation cases {','.join(DEFAULT_VAL_CASES)}",
+    )
     e.add_argument("--device", default="auto")
     e.add_argument("--grid", type=int, default=4, help="pairs shown in the PNG grid")
     e.add_argument("--no-progress", action="store_true")
@@ -72,12 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--no-phantom", action="store_true", help="AANLIB only")
     t.add_argument("--max-phantom-slices", type=int, default=None)
-    t.add_argument("--ct-window", type=_window, action="append", default=None,
-                   help="CT window(s) CENTER,WIDTH for phantom CT slices (repeatable)")
+    t.add_argument(
+        "--ct-window",
+        type=_window,
+        action="append",
+        default=None,
+        help="CT window(s) CENTER,WIDTH for phantom CT slices (repeatable)",
+    )
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--time-budget-min", type=float, default=None,
-                   help="stop (with checkpoints) after this many minutes of training")
+    t.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=None,
+        help="stop (with checkpoints) after this many minutes of training",
+    )
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--no-progress", action="store_true")
 
@@ -90,15 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_fuse(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from fusion_engine.data import read_grey_png, write_grey_png
     from fusion_engine.inference import fuse
     from fusion_engine.intensity import png_to_unit, unit_to_uint8, unit_to_uint16
+    from fusion_engine.research.data import read_grey_png, write_grey_png
 
     ct_raw, mr_raw = read_grey_png(args.ct), read_grey_png(args.mr)
     if ct_raw.shape != mr_raw.shape:
         raise FusionEngineError(f"CT {ct_raw.shape} and MR {mr_raw.shape} differ in size")
-    fused = fuse(png_to_unit(ct_raw), png_to_unit(mr_raw), strategy=args.strategy,
-                 device=args.device)
+    fused = fuse(
+        png_to_unit(ct_raw), png_to_unit(mr_raw), strategy=args.strategy, device=args.device
+    )
     bits = args.bits or (16 if ct_raw.dtype == np.uint16 else 8)
     out = unit_to_uint16(fused) if bits == 16 else unit_to_uint8(fused)
     write_grey_png(args.output, out)
@@ -110,9 +134,9 @@ def _cmd_fuse_pairs(args: argparse.Namespace) -> int:
     import numpy as np
     from rich.progress import Progress
 
-    from fusion_engine.data import list_pairs, read_unit_png, write_grey_png
     from fusion_engine.inference import fuse
     from fusion_engine.intensity import unit_to_uint8
+    from fusion_engine.research.data import list_pairs, read_unit_png, write_grey_png
 
     pairs = list_pairs(args.pairs, set(args.cases) if args.cases else None)
     if not pairs:
@@ -132,38 +156,56 @@ def _cmd_fuse_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fusion_engine.data import DEFAULT_VAL_CASES
-    from fusion_engine.evaluate import evaluate
+    from fusion_engine.research.data import DEFAULT_VAL_CASES
+    from fusion_engine.research.evaluate import evaluate
 
     cases = args.cases
     if cases is None and args.split == "val":
         cases = DEFAULT_VAL_CASES
-    report = evaluate(args.pairs, args.out, cases=cases, device=args.device,
-                      grid_pairs=args.grid, progress=not args.no_progress)
+    report = evaluate(
+        args.pairs,
+        args.out,
+        cases=cases,
+        device=args.device,
+        grid_pairs=args.grid,
+        progress=not args.no_progress,
+    )
     print(report.markdown)
     print(f"report written to {args.out}")
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fusion_engine.train import TrainConfig, train
+    from fusion_engine.research.train import TrainConfig, train
 
-    windows = tuple(args.ct_window) if args.ct_window else ((40.0, 400.0),)
+    windows = tuple(args.ct_window) if args.ct_window else (DEFAULT_CT_WINDOW,)
     cfg = TrainConfig(
-        data=str(args.data), out=str(args.out), steps=args.steps, batch_size=args.batch_size,
-        crop=args.crop, lr=args.lr, seed=args.seed, val_cases=tuple(args.val_cases),
-        val_every=args.val_every, use_phantom=not args.no_phantom, ct_windows=windows,
-        max_phantom_slices=args.max_phantom_slices, device=args.device, threads=args.threads,
+        data=str(args.data),
+        out=str(args.out),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        lr=args.lr,
+        seed=args.seed,
+        val_cases=tuple(args.val_cases),
+        val_every=args.val_every,
+        use_phantom=not args.no_phantom,
+        ct_windows=windows,
+        max_phantom_slices=args.max_phantom_slices,
+        device=args.device,
+        threads=args.threads,
         time_budget_s=None if args.time_budget_min is None else args.time_budget_min * 60.0,
     )
     res = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"steps {res.steps} in {res.seconds:.0f} s; best step {res.best_step}: val loss "
-          f"{res.best_val_loss:.4f}, SSIM {res.best_val_ssim:.4f}, PSNR {res.best_val_psnr:.2f} dB")
+    print(
+        f"steps {res.steps} in {res.seconds:.0f} s; best step {res.best_step}: val loss "
+        f"{res.best_val_loss:.4f}, SSIM {res.best_val_ssim:.4f}, PSNR {res.best_val_psnr:.2f} dB"
+    )
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from fusion_engine.train import export_weights
+    from fusion_engine.research.train import export_weights
 
     digest = export_weights(args.checkpoint, args.dest)
     print(f"exported {args.checkpoint} -> {args.dest} sha256 {digest}")
@@ -173,8 +215,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fusion-engine``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     handlers = {
         "fuse": _cmd_fuse,
         "fuse-pairs": _cmd_fuse_pairs,

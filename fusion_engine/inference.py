@@ -31,8 +31,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fusion_engine import DEFAULT_BATCH_SIZE, onednn
+from fusion_engine import onednn
 from fusion_engine.allocator import reuse_freed_memory
+from fusion_engine.defaults import DEFAULT_BATCH_SIZE, DEFAULT_STRATEGY
 from fusion_engine.errors import InputError, WeightsError
 from fusion_engine.model import FUSION_STRATEGIES, FusionFn, FusionNet
 
@@ -140,7 +141,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         fallback = "channels_last" if device.type == "cpu" else "fp32"
         log.warning(
             "precision 'bf16' requested but %s has no native bf16 arithmetic; using %r "
-            "(float32) instead", device, fallback,
+            "(float32) instead",
+            device,
+            fallback,
         )
         return fallback
     return precision
@@ -176,8 +179,9 @@ class LoadedModel:
         """Whether :meth:`run` uses oneDNN's fused operators (CPU fast paths)."""
         return self.device.type == "cpu" and self.precision != "fp32" and onednn.available()
 
-    def run(self, ct: torch.Tensor, mr: torch.Tensor, fusion: FusionFn,
-            tile: int | None = None) -> torch.Tensor:
+    def run(
+        self, ct: torch.Tensor, mr: torch.Tensor, fusion: FusionFn, tile: int | None = None
+    ) -> torch.Tensor:
         """Fuse (N, 1, H, W) float32 tensors on the model's device; float32 result clamped.
 
         With ``tile`` the image is processed in tile x tile blocks, each with a
@@ -207,8 +211,9 @@ class LoadedModel:
 
 
 @functools.lru_cache(maxsize=8)
-def load_model(device: str = "cpu", precision: str = "fp32",
-               weights_dir: Path = WEIGHTS_DIR) -> LoadedModel:
+def load_model(
+    device: str = "cpu", precision: str = "fp32", weights_dir: Path = WEIGHTS_DIR
+) -> LoadedModel:
     """The shipped network on ``device`` in ``precision`` (cached; the weights are immutable)."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -264,7 +269,7 @@ def fuse(
     ct: npt.ArrayLike,
     mr: npt.ArrayLike,
     *,
-    strategy: str = "mean-attention",
+    strategy: str = DEFAULT_STRATEGY,
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,

@@ -1,6 +1,6 @@
 """Intensity preparation: scanner values -> network input in [0, 1] and back.
 
-The same functions serve training (``fusion_engine.data``) and inference
+The same functions serve training (``fusion_engine.research.data``) and inference
 (``fusion_engine.volume`` / the node), so the network always sees the same scaling:
 
 * CT: Hounsfield units through a linear window (center, width) clipped to [0, 1].
@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from fusion_engine.defaults import DEFAULT_CT_WINDOW
 from fusion_engine.errors import InputError
 
-DEFAULT_CT_WINDOW: tuple[float, float] = (40.0, 400.0)
 """Default CT window (center HU, width HU): -160..240 HU."""
 
 DEFAULT_MR_PERCENTILES: tuple[float, float] = (1.0, 99.5)
@@ -38,9 +38,7 @@ def _check_window(window: tuple[float, float]) -> tuple[float, float]:
     return center, width
 
 
-def ct_to_unit(
-    hu: npt.ArrayLike, window: tuple[float, float] = DEFAULT_CT_WINDOW
-) -> FloatArray:
+def ct_to_unit(hu: npt.ArrayLike, window: tuple[float, float] = DEFAULT_CT_WINDOW) -> FloatArray:
     """Map CT Hounsfield units through the window (center, width) to float32 in [0, 1]."""
     center, width = _check_window(window)
     arr = np.asarray(hu, dtype=np.float64)

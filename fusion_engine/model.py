@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusion_engine.defaults import DEFAULT_STRATEGY
+
 EPS = 1e-8
 """Small epsilon of the attention weights (paper eq. 3)."""
 
@@ -202,7 +204,7 @@ DEFAULT_SHARE = 0.0
 """Weight of the weaker source in the default strategy (chosen on training-case pairs)."""
 
 FUSION_STRATEGIES: dict[str, FusionFn] = {
-    "mean-attention": selective_mean_attention(DEFAULT_SHARE),
+    DEFAULT_STRATEGY: selective_mean_attention(DEFAULT_SHARE),
     "mean-attention-paper": mean_attention,
     "softmax-mean": softmax_mean,
     "addition": addition,

@@ -59,8 +59,16 @@ def bf16_supported() -> bool:
 def _conv(x: Tensor, conv: nn.Conv2d, *, relu: bool, padding: int) -> Tensor:
     """oneDNN convolution with zero padding and an optional fused ReLU."""
     out: Tensor = torch.ops.mkldnn._convolution_pointwise(
-        x, conv.weight, conv.bias, [padding, padding], [1, 1], [1, 1], 1,
-        "relu" if relu else "none", _NO_SCALARS, "",
+        x,
+        conv.weight,
+        conv.bias,
+        [padding, padding],
+        [1, 1],
+        [1, 1],
+        1,
+        "relu" if relu else "none",
+        _NO_SCALARS,
+        "",
     )
     return out
 
@@ -102,8 +110,19 @@ def _res2net(block: Res2NetBlock, x: Tensor) -> Tensor:
     cat = torch.cat(ys, dim=1)
     conv = block.conv_out
     fused: Tensor = torch.ops.mkldnn._convolution_pointwise.binary(
-        cat, x, conv.weight, conv.bias, [0, 0], [1, 1], [1, 1], 1,
-        "add", 1.0, "relu", _NO_SCALARS, "",
+        cat,
+        x,
+        conv.weight,
+        conv.bias,
+        [0, 0],
+        [1, 1],
+        [1, 1],
+        1,
+        "add",
+        1.0,
+        "relu",
+        _NO_SCALARS,
+        "",
     )
     return fused
 

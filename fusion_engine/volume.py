@@ -31,10 +31,9 @@ import numpy.typing as npt
 import SimpleITK as sitk
 from scipy import ndimage
 
-from fusion_engine import DEFAULT_BATCH_SIZE
+from fusion_engine.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
 from fusion_engine.errors import InputError
 from fusion_engine.intensity import (
-    DEFAULT_CT_WINDOW,
     DEFAULT_MR_PERCENTILES,
     ct_to_unit,
     mr_scale,
@@ -101,7 +100,7 @@ def fuse_volume(
     mr_on_ct: sitk.Image,
     mr_mask: sitk.Image,
     *,
-    strategy: str = "mean-attention",
+    strategy: str = DEFAULT_STRATEGY,
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     ct_window: tuple[float, float] = DEFAULT_CT_WINDOW,

@@ -24,6 +24,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e '.[test]'
 
-.venv/bin/ruff check dicom_node fusion_engine tests benchmarks
+.venv/bin/ruff check dicom_node fusion_engine tests benchmarks scripts
+.venv/bin/ruff format --check dicom_node fusion_engine tests benchmarks scripts
 .venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

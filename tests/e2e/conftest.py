@@ -171,14 +171,18 @@ class NodeProcess:
         return self.proc.returncode
 
 
-def start_node(args: list[str], config_path: Path, log_path: Path,
-               env: dict[str, str] | None = None) -> NodeProcess:
+def start_node(
+    args: list[str], config_path: Path, log_path: Path, env: dict[str, str] | None = None
+) -> NodeProcess:
     """Start ``dicom-node ARGS --config CONFIG`` in its own process group."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node.cli", *args, "--config", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
         )
     return NodeProcess(proc, log_path)
 
@@ -188,13 +192,22 @@ def node_factory() -> Iterator[Callable[..., NodeProcess]]:
     """Start node processes; every one still running is killed at teardown."""
     started: list[NodeProcess] = []
 
-    def make(args: list[str], config_path: Path, log_path: Path, *, port: int | None = None,
-             env: dict[str, str] | None = None) -> NodeProcess:
+    def make(
+        args: list[str],
+        config_path: Path,
+        log_path: Path,
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> NodeProcess:
         node = start_node(args, config_path, log_path, env)
         started.append(node)
         if port is not None:
-            wait_until(lambda: port_open(port) or node.proc.poll() is not None, timeout=60,
-                       what="node port")
+            wait_until(
+                lambda: port_open(port) or node.proc.poll() is not None,
+                timeout=60,
+                what="node port",
+            )
             if node.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {node.proc.returncode}:\n{node.log_tail()}")
         return node
@@ -207,13 +220,30 @@ def node_factory() -> Iterator[Callable[..., NodeProcess]]:
             node.proc.wait(10)
 
 
-def storescu(port: int, folder: Path, *, calling_aet: str, called_aet: str = "FUSIONNODE",
-             timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+def storescu(
+    port: int,
+    folder: Path,
+    *,
+    calling_aet: str,
+    called_aet: str = "FUSIONNODE",
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[bytes]:
     """Send a folder with DCMTK storescu (full path); raises on a non-zero exit."""
-    cmd = [dcmtk("storescu"), "-aet", calling_aet, "-aec", called_aet, "+sd", "+r",
-           "127.0.0.1", str(port), str(folder)]
-    result = subprocess.run(cmd, capture_output=True, timeout=timeout,
-                            env={**os.environ, "TCP_NODELAY": "1"})
+    cmd = [
+        dcmtk("storescu"),
+        "-aet",
+        calling_aet,
+        "-aec",
+        called_aet,
+        "+sd",
+        "+r",
+        "127.0.0.1",
+        str(port),
+        str(folder),
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, timeout=timeout, env={**os.environ, "TCP_NODELAY": "1"}
+    )
     if result.returncode != 0:
         raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]!r}")
     return result

@@ -70,22 +70,26 @@ class Node:
         with self.sessions() as s:
             return list(s.scalars(select(Send).order_by(Send.id)).all())
 
-    def wait_jobs(self, n: int, states: tuple[str, ...] = ("done",),
-                  timeout: float = JOB_TIMEOUT) -> list[Job]:
+    def wait_jobs(
+        self, n: int, states: tuple[str, ...] = ("done",), timeout: float = JOB_TIMEOUT
+    ) -> list[Job]:
         def ready() -> list[Job] | None:
             if self.proc.proc.poll() is not None:
                 raise RuntimeError(f"node exited:\n{self.proc.log_tail()}")
             found = self.jobs()
             if any(j.state == "failed" for j in found) and "failed" not in states:
-                raise AssertionError(f"job failed: {[(j.id, j.error) for j in found]}\n"
-                                     f"{self.proc.log_tail()}")
+                raise AssertionError(
+                    f"job failed: {[(j.id, j.error) for j in found]}\n{self.proc.log_tail()}"
+                )
             return found if len(found) >= n and all(j.state in states for j in found) else None
 
         try:
             return wait_until(ready, timeout=timeout, interval=0.3, what=f"{n} job(s) {states}")
         except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\njobs: {[(j.id, j.state, j.error) for j in self.jobs()]}"
-                               f"\n{self.proc.log_tail()}") from None
+            raise TimeoutError(
+                f"{exc}\njobs: {[(j.id, j.state, j.error) for j in self.jobs()]}"
+                f"\n{self.proc.log_tail()}"
+            ) from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -122,15 +126,17 @@ def _headers(folder: Path) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(folder.glob("*.dcm"))]
 
 
-def _check_outputs(series: dict[str, list[pydicom.Dataset]], ct: list[pydicom.Dataset],
-                   mr: list[pydicom.Dataset]) -> None:
+def _check_outputs(
+    series: dict[str, list[pydicom.Dataset]], ct: list[pydicom.Dataset], mr: list[pydicom.Dataset]
+) -> None:
     """Fused, registered MR and REG for this CT/MR: geometry, Frame of Reference, references."""
     ct_for = str(ct[0].FrameOfReferenceUID)
     ct_study = str(ct[0].StudyInstanceUID)
     ct_sops = {str(d.SOPInstanceUID) for d in ct}
     ct_pos = {tuple(round(float(v), 2) for v in d.ImagePositionPatient) for d in ct}
-    mine = {uid: items for uid, items in series.items()
-            if str(items[0].StudyInstanceUID) == ct_study}
+    mine = {
+        uid: items for uid, items in series.items() if str(items[0].StudyInstanceUID) == ct_study
+    }
     assert len(mine) == 3, {u: (i[0].Modality, len(i)) for u, i in mine.items()}
     regs = [i for i in mine.values() if str(i[0].SOPClassUID) == REG_SOP_CLASS]
     images = [i for i in mine.values() if str(i[0].SOPClassUID) != REG_SOP_CLASS]
@@ -142,10 +148,16 @@ def _check_outputs(series: dict[str, list[pydicom.Dataset]], ct: list[pydicom.Da
         for d in items:
             assert str(d.FrameOfReferenceUID) == ct_for
             assert (d.Rows, d.Columns) == (ct[0].Rows, ct[0].Columns)
-            assert np.allclose([float(v) for v in d.PixelSpacing],
-                               [float(v) for v in ct[0].PixelSpacing], atol=1e-4)
-            assert np.allclose([float(v) for v in d.ImageOrientationPatient],
-                               [float(v) for v in ct[0].ImageOrientationPatient], atol=1e-4)
+            assert np.allclose(
+                [float(v) for v in d.PixelSpacing],
+                [float(v) for v in ct[0].PixelSpacing],
+                atol=1e-4,
+            )
+            assert np.allclose(
+                [float(v) for v in d.ImageOrientationPatient],
+                [float(v) for v in ct[0].ImageOrientationPatient],
+                atol=1e-4,
+            )
             assert tuple(round(float(v), 2) for v in d.ImagePositionPatient) in ct_pos
             assert str(d.PatientID) == str(ct[0].PatientID)
             assert "DERIVED" in [str(v) for v in d.ImageType]
@@ -157,12 +169,23 @@ def _check_outputs(series: dict[str, list[pydicom.Dataset]], ct: list[pydicom.Da
     assert reg.Modality == "REG" and str(reg.FrameOfReferenceUID) == ct_for
     fors = [str(item.FrameOfReferenceUID) for item in reg.RegistrationSequence]
     assert fors == [ct_for, str(mr[0].FrameOfReferenceUID)]
-    m = np.array([float(v) for v in reg.RegistrationSequence[1].MatrixRegistrationSequence[0]
-                  .MatrixSequence[0].FrameOfReferenceTransformationMatrix]).reshape(4, 4)
-    assert np.allclose(m[3], [0, 0, 0, 1]) and np.allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3),
-                                                           atol=1e-3)
-    reg_refs = {str(r.ReferencedSOPInstanceUID)
-                for item in reg.RegistrationSequence for r in item.ReferencedImageSequence}
+    m = np.array(
+        [
+            float(v)
+            for v in reg.RegistrationSequence[1]
+            .MatrixRegistrationSequence[0]
+            .MatrixSequence[0]
+            .FrameOfReferenceTransformationMatrix
+        ]
+    ).reshape(4, 4)
+    assert np.allclose(m[3], [0, 0, 0, 1]) and np.allclose(
+        m[:3, :3] @ m[:3, :3].T, np.eye(3), atol=1e-3
+    )
+    reg_refs = {
+        str(r.ReferencedSOPInstanceUID)
+        for item in reg.RegistrationSequence
+        for r in item.ReferencedImageSequence
+    }
     assert ct_sops <= reg_refs and mr_sops <= reg_refs
 
 
@@ -190,8 +213,10 @@ def test_two_patients_interleaved_paired_fused_and_sent(
     a_ct, a_mr = _headers(CT_DIR), _headers(MR_DIR)
     bct, bmr = _headers(b_ct), _headers(b_mr)
     pairs = {(j.ct_series_uid, j.mr_series_uid) for j in jobs}
-    assert pairs == {(str(a_ct[0].SeriesInstanceUID), str(a_mr[0].SeriesInstanceUID)),
-                     (str(bct[0].SeriesInstanceUID), str(bmr[0].SeriesInstanceUID))}
+    assert pairs == {
+        (str(a_ct[0].SeriesInstanceUID), str(a_mr[0].SeriesInstanceUID)),
+        (str(bct[0].SeriesInstanceUID), str(bmr[0].SeriesInstanceUID)),
+    }
     for j in jobs:
         assert "days before the CT" in j.pairing_reason
         assert {s.destination: s.state for s in j.sends} == {"pacs": "done", "tps": "done"}
@@ -206,8 +231,11 @@ def test_two_patients_interleaved_paired_fused_and_sent(
     # identical re-send of a CT changes nothing (no new job)
     n_ct = len(a_ct)
     storescu(node.port, CT_DIR, calling_aet="CTSIM")
-    wait_until(lambda: f"({n_ct} duplicates)" in node.proc.log_tail(10**7), timeout=30,
-               what="duplicate re-send logged")
+    wait_until(
+        lambda: f"({n_ct} duplicates)" in node.proc.log_tail(10**7),
+        timeout=30,
+        what="duplicate re-send logged",
+    )
     assert _scan_settled(node) and len(node.jobs()) == 2
 
 
@@ -215,14 +243,18 @@ def _scan_settled(node: Node) -> bool:
     from dicom_node.models import Series, SeriesProgress
 
     with node.sessions() as s:
-        rows = s.execute(select(Series.last_received_at, SeriesProgress.last_received_at)
-                         .join(SeriesProgress,
-                               SeriesProgress.series_uid == Series.series_instance_uid)).all()
+        rows = s.execute(
+            select(Series.last_received_at, SeriesProgress.last_received_at).join(
+                SeriesProgress, SeriesProgress.series_uid == Series.series_instance_uid
+            )
+        ).all()
     return bool(rows) and all(a == b for a, b in rows)
 
 
 def test_worker_killed_mid_job_is_taken_up_again(
-    tmp_path: Path, orthanc_factory: Callable[..., Orthanc], start_serve: Callable[..., Node],
+    tmp_path: Path,
+    orthanc_factory: Callable[..., Orthanc],
+    start_serve: Callable[..., Node],
     node_factory: Callable[..., NodeProcess],
 ) -> None:
     """Serve (with its embedded worker) plus one ``dicom-node worker``; SIGKILL whichever
@@ -230,8 +262,11 @@ def test_worker_killed_mid_job_is_taken_up_again(
     holds each derived instance once (an embedded worker is also restarted by serve)."""
     require_small_fixtures()
     pacs = orthanc_factory()
-    node = start_serve(destinations={"pacs": _dest(pacs)}, routing={"send_to": ["pacs"]},
-                       jobs={"lease_seconds": 3.0, "heartbeat_seconds": 0.5})
+    node = start_serve(
+        destinations={"pacs": _dest(pacs)},
+        routing={"send_to": ["pacs"]},
+        jobs={"lease_seconds": 3.0, "heartbeat_seconds": 0.5},
+    )
     extra = node_factory(["worker"], tmp_path / "node.yaml", tmp_path / "worker.log")
     wait_until(lambda: "started (device" in extra.log_tail(), timeout=60, what="extra worker")
     storescu(node.port, CT_DIR, calling_aet="CTSIM")
@@ -263,9 +298,11 @@ def test_destination_down_job_waits_then_completes(
     require_small_fixtures()
     pacs = orthanc_factory()
     pacs.stop()
-    node = start_serve(destinations={"pacs": _dest(pacs)}, routing={"send_to": ["pacs"]},
-                       jobs={"retry_backoff_seconds": 0.5, "max_backoff_seconds": 2.0,
-                             "send_max_attempts": 100})
+    node = start_serve(
+        destinations={"pacs": _dest(pacs)},
+        routing={"send_to": ["pacs"]},
+        jobs={"retry_backoff_seconds": 0.5, "max_backoff_seconds": 2.0, "send_max_attempts": 100},
+    )
     storescu(node.port, CT_DIR, calling_aet="CTSIM")
     storescu(node.port, MR_DIR, calling_aet="MRSCANNER")
 

@@ -36,9 +36,17 @@ def _jobs(node: IndexedNode) -> list[Job]:
 
 def _info(**kw: object) -> pairing.SeriesInfo:
     base: dict[str, object] = dict(
-        series_uid="1.2.3", study_uid="1.2", patient_id="P1", issuer="", modality="MR",
-        description="T2", image_type=("ORIGINAL", "PRIMARY"), orientation=(1, 0, 0, 0, 1, 0),
-        num_instances=40, acquired_at=datetime(2020, 1, 1), revision=1,
+        series_uid="1.2.3",
+        study_uid="1.2",
+        patient_id="P1",
+        issuer="",
+        modality="MR",
+        description="T2",
+        image_type=("ORIGINAL", "PRIMARY"),
+        orientation=(1, 0, 0, 0, 1, 0),
+        num_instances=40,
+        acquired_at=datetime(2020, 1, 1),
+        revision=1,
     )
     base.update(kw)
     return pairing.SeriesInfo(**base)  # type: ignore[arg-type]
@@ -48,8 +56,9 @@ def _info(**kw: object) -> pairing.SeriesInfo:
 def test_choose_mr_prefers_rule_then_time() -> None:
     ct = _info(series_uid="ct", modality="CT", acquired_at=datetime(2020, 3, 1))
     near = _info(series_uid="near", description="T2 tse", acquired_at=datetime(2020, 2, 25))
-    ruled = _info(series_uid="ruled", description="T1 post-contrast",
-                  acquired_at=datetime(2020, 1, 10))
+    ruled = _info(
+        series_uid="ruled", description="T1 post-contrast", acquired_at=datetime(2020, 1, 10)
+    )
     far = _info(series_uid="far", description="T1 post-contrast", acquired_at=datetime(2019, 1, 1))
     other = _info(series_uid="other", patient_id="P2", acquired_at=datetime(2020, 3, 1))
     rules = [(r"(?i)t1.*post", 1.0)]
@@ -151,8 +160,11 @@ def test_per_aet_quiet_and_not_eligible(indexed_node: IndexedNode, tmp_path: Pat
     require_small_fixtures()
     node = indexed_node
     cfg = node.config.model_copy(
-        update={"pairing": node.config.pairing.model_copy(
-            update={"per_aet_quiet_seconds": {"SLOWPACS": 3600.0}, "min_slices": 100})}
+        update={
+            "pairing": node.config.pairing.model_copy(
+                update={"per_aet_quiet_seconds": {"SLOWPACS": 3600.0}, "min_slices": 100}
+            )
+        }
     )
     node.ingest(CT_DIR, aet="SLOWPACS")
     assert pairing.scan(node.sessions, cfg, now=_later()).completed == []
@@ -183,8 +195,14 @@ def _make_jobs(node: IndexedNode, n: int) -> list[int]:
     with node.sessions() as s:
         for i in range(n):
             job = jobs.create_job(
-                s, patient_id="P", issuer_of_patient_id="", ct_series_uid=f"1.{i}",
-                mr_series_uid=f"2.{i}", ct_revision=1, mr_revision=1, pairing_reason="test",
+                s,
+                patient_id="P",
+                issuer_of_patient_id="",
+                ct_series_uid=f"1.{i}",
+                mr_series_uid=f"2.{i}",
+                ct_revision=1,
+                mr_revision=1,
+                pairing_reason="test",
             )
             ids.append(job.id)
         s.commit()
@@ -231,15 +249,22 @@ def test_failures_retry_then_fail_and_recovery(indexed_node: IndexedNode) -> Non
     # a data error fails at once
     (data_job,) = _make_jobs(node, 1)
     assert jobs.claim_next(node.sessions, "w") == data_job
-    assert jobs.fail_attempt(node.sessions, data_job, "w", "SeriesError", cfg,
-                             permanent=True) == jobs.FAILED
+    assert (
+        jobs.fail_attempt(node.sessions, data_job, "w", "SeriesError", cfg, permanent=True)
+        == jobs.FAILED
+    )
     # the next job is not blocked by the failed ones
     (other,) = _make_jobs(node, 1)
     assert jobs.claim_next(node.sessions, "w2") == other
     # worker dies: its heartbeat goes stale and the job is requeued
     with node.sessions() as s:
-        s.execute(Job.__table__.update().where(Job.id == other).values(  # type: ignore[attr-defined]
-            heartbeat_at=models.utcnow() - timedelta(hours=1)))
+        s.execute(
+            Job.__table__.update()
+            .where(Job.id == other)
+            .values(  # type: ignore[attr-defined]
+                heartbeat_at=models.utcnow() - timedelta(hours=1)
+            )
+        )
         s.commit()
     assert jobs.heartbeat(node.sessions, other, "w-other") is False
     assert jobs.recover_stale(node.sessions, cfg) == [other]
@@ -283,8 +308,9 @@ def test_send_to_unreachable_destination_retries_then_fails(
         import pydicom
 
         ds = pydicom.dcmread(dst, stop_before_pixels=True)
-        files.append(dispatch.DerivedFile(kind, str(ds.SOPInstanceUID),
-                                          str(ds.SeriesInstanceUID), dst))
+        files.append(
+            dispatch.DerivedFile(kind, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), dst)
+        )
     dispatch.write_manifest(folder, files, {"job": job_id})
     assert dispatch.read_manifest(folder) == files
     assert jobs.claim_next(node.sessions, "w") == job_id
@@ -317,8 +343,9 @@ def test_retention_cleans_old_done_jobs(indexed_node: IndexedNode) -> None:
         job.state, job.finished_at = jobs.DONE, models.utcnow() - timedelta(days=40)
         s.commit()
     assert retention.clean(node.sessions, node.config).jobs == []  # off by default
-    cfg = node.config.model_copy(update={"retention": node.config.retention.model_copy(
-        update={"enabled": True, "days": 30})})
+    cfg = node.config.model_copy(
+        update={"retention": node.config.retention.model_copy(update={"enabled": True, "days": 30})}
+    )
     result = retention.clean(node.sessions, cfg)
     assert result.jobs == [job_id] and len(result.series) == 2
     assert not folder.exists()
@@ -326,8 +353,9 @@ def test_retention_cleans_old_done_jobs(indexed_node: IndexedNode) -> None:
     assert retention.clean(node.sessions, cfg).jobs == []
 
 
-def test_jobs_cli(indexed_node: IndexedNode, tmp_path: Path,
-                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_jobs_cli(
+    indexed_node: IndexedNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``dicom-node jobs`` list/show/retry/cancel through the real command line."""
     from dicom_node.cli import main
 
@@ -363,8 +391,12 @@ def test_job_of_dead_local_worker_recovered_at_once(indexed_node: IndexedNode) -
     node = indexed_node
     cfg = jobs.settings(node.config)
     host = socket.gethostname()
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead_id = f"{host}:{int(gone.stdout)}:dead"
     live_id = f"{host}:{__import__('os').getpid()}:live"
     a, b = _make_jobs(node, 2)

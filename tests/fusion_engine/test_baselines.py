@@ -1,4 +1,4 @@
-"""Tests of fusion_engine.baselines against the golden reference fusions and by construction."""
+"""Tests of fusion_engine.research.baselines: golden reference fusions and by construction."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from fusion_engine import baselines, metrics
 from fusion_engine.errors import InputError
+from fusion_engine.research import baselines, metrics
 from tests.peers import SHARED_DATA, require_full_data
 
 GOLDEN = SHARED_DATA / "metric-golden"

@@ -73,15 +73,46 @@ def test_fuse_pairs(tmp_path: Path) -> None:
 def test_evaluate_report(tmp_path: Path) -> None:
     pairs = make_pairs(tmp_path / "d", cases=("11", "12"), per_case=2, size=64) / "aanlib-ct-mri"
     out = tmp_path / "report"
-    assert main(["evaluate", "--pairs", str(pairs), "--out", str(out), "--cases", "12",
-                 "--grid", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pairs",
+                str(pairs),
+                "--out",
+                str(out),
+                "--cases",
+                "12",
+                "--grid",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     md = (out / "report.md").read_text()
-    for word in ("mean-attention-paper", "pixel-average", "laplacian-pyramid", "dwt", "Qabf",
-                 "VIFF", "p-values", "±"):
+    for word in (
+        "mean-attention-paper",
+        "pixel-average",
+        "laplacian-pyramid",
+        "dwt",
+        "Qabf",
+        "VIFF",
+        "p-values",
+        "±",
+    ):
         assert word in md
     rows = list(csv.reader((out / "summary.csv").open()))
     assert rows[0][0] == "metric" and [r[0] for r in rows[1:]] == [
-        "AG", "SF", "EN", "MI", "PSNR", "SSIM", "Qabf", "VIFF"]
+        "AG",
+        "SF",
+        "EN",
+        "MI",
+        "PSNR",
+        "SSIM",
+        "Qabf",
+        "VIFF",
+    ]
     assert len(list(csv.reader((out / "pairs.csv").open()))) == 1 + 10 * 2
     with Image.open(out / "grid.png") as im:
         assert im.size[0] > im.size[1] > 100
@@ -92,8 +123,9 @@ def test_real_aanlib_pair(tmp_path: Path) -> None:
         pytest.skip(f"AANLIB pairs not present at {AANLIB}")
     name = sorted(p.name for p in (AANLIB / "CT").glob("*.png"))[0]
     out = tmp_path / "f.png"
-    assert main(["fuse", str(AANLIB / "CT" / name), str(AANLIB / "MRI" / name),
-                 "-o", str(out)]) == 0
+    assert (
+        main(["fuse", str(AANLIB / "CT" / name), str(AANLIB / "MRI" / name), "-o", str(out)]) == 0
+    )
     ct = np.asarray(Image.open(AANLIB / "CT" / name).convert("L"), dtype=np.float64)
     mr = np.asarray(Image.open(AANLIB / "MRI" / name).convert("L"), dtype=np.float64)
     fused = np.asarray(Image.open(out), dtype=np.float64)
@@ -115,13 +147,19 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_shortfalls_name_the_methods_ahead() -> None:
-    from fusion_engine.evaluate import Report, shortfalls
+    from fusion_engine.research.evaluate import Report, shortfalls
 
     metrics = ["AG", "SF", "EN", "Qabf", "VIFF"]
+
     def col(v: float) -> dict[str, list[float]]:
         return {k: [v, v + 0.01] for k in metrics}
-    scores = {"mean-attention": col(0.5), "addition": col(0.4), "pixel-average": col(0.3),
-              "pixel-maximum": col(0.3)}
+
+    scores = {
+        "mean-attention": col(0.5),
+        "addition": col(0.4),
+        "pixel-average": col(0.3),
+        "pixel-maximum": col(0.3),
+    }
     scores["pixel-maximum"]["VIFF"] = [0.7, 0.72]
     scores["addition"]["EN"] = [0.9, 0.9]
     r = Report(list(scores), metrics, ["p1", "p2"], scores, "mean-attention")

@@ -175,8 +175,9 @@ def test_import_is_lazy_and_free_of_dicom_stacks() -> None:
     code = (
         "import sys, fusion_engine\n"
         "assert 'torch' not in sys.modules, 'import fusion_engine loaded torch'\n"
-        "import fusion_engine.inference, fusion_engine.train, fusion_engine.evaluate\n"
-        "import fusion_engine.cli, fusion_engine.data\n"
+        "import fusion_engine.inference, fusion_engine.research.train\n"
+        "import fusion_engine.research.evaluate\n"
+        "import fusion_engine.cli, fusion_engine.research.data\n"
         "fusion_engine.fuse, fusion_engine.STRATEGIES, fusion_engine.MODEL_VERSION\n"
         "bad = {'pydicom', 'pynetdicom', 'highdicom', 'sqlalchemy', 'dicom_node'}\n"
         "bad &= set(sys.modules)\n"

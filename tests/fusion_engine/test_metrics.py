@@ -1,4 +1,4 @@
-"""Tests of fusion_engine.metrics: golden values and hand-checkable cases."""
+"""Tests of fusion_engine.research.metrics: golden values and hand-checkable cases."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from fusion_engine import metrics
 from fusion_engine.errors import InputError
+from fusion_engine.research import metrics
 from tests.peers import SHARED_DATA, require_full_data
 
 GOLDEN = SHARED_DATA / "metric-golden"

@@ -109,7 +109,11 @@ def test_softmax_addition_average_l1() -> None:
 
 def test_strategy_names() -> None:
     assert list(FUSION_STRATEGIES) == [
-        "mean-attention", "mean-attention-paper", "softmax-mean", "addition", "l1-norm",
+        "mean-attention",
+        "mean-attention-paper",
+        "softmax-mean",
+        "addition",
+        "l1-norm",
         "average",
     ]
     assert FUSION_STRATEGIES["mean-attention-paper"] is mean_attention

@@ -12,14 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fusion_engine.data import list_pairs, load_training_set, random_crop_batch
 from fusion_engine.inference import load_state_dict
-from fusion_engine.train import TrainConfig, export_weights, recon_loss, ssim_torch, train
+from fusion_engine.research.data import list_pairs, load_training_set, random_crop_batch
+from fusion_engine.research.train import TrainConfig, export_weights, recon_loss, ssim_torch, train
 from tests.peers import MRIDIR
 
 
-def make_pairs(root: Path, cases: tuple[str, ...] = ("11", "12", "13"), per_case: int = 2,
-               size: int = 48) -> Path:
+def make_pairs(
+    root: Path, cases: tuple[str, ...] = ("11", "12", "13"), per_case: int = 2, size: int = 48
+) -> Path:
     """AANLIB-like tree root/aanlib-ct-mri/{CT,MRI}/CCSSS.png of synthetic head-like images."""
     rng = np.random.default_rng(42)
     base = root / "aanlib-ct-mri"
@@ -38,8 +39,17 @@ def make_pairs(root: Path, cases: tuple[str, ...] = ("11", "12", "13"), per_case
 
 
 def _cfg(data: Path, out: Path, steps: int) -> TrainConfig:
-    return TrainConfig(data=str(data), out=str(out), steps=steps, batch_size=2, crop=32,
-                       val_cases=("13",), val_every=2, use_phantom=False, threads=1)
+    return TrainConfig(
+        data=str(data),
+        out=str(out),
+        steps=steps,
+        batch_size=2,
+        crop=32,
+        val_cases=("13",),
+        val_every=2,
+        use_phantom=False,
+        threads=1,
+    )
 
 
 def test_split_is_by_case(tmp_path: Path) -> None:
@@ -106,7 +116,7 @@ def test_export_weights_manifest(tmp_path: Path) -> None:
 
 
 def test_dicom_series_reader_on_phantom() -> None:
-    from fusion_engine.data import read_dicom_series
+    from fusion_engine.research.data import read_dicom_series
 
     ct_dir = Path(__file__).resolve().parents[1] / "fixtures" / "mridir_small" / "ct"
     if not any(ct_dir.glob("*.dcm")):

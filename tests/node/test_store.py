@@ -140,12 +140,11 @@ def test_known_series_under_another_study_refused(store: Store, ct_files: list[P
     assert len(files_under(store.root)) == 1
 
 
-def test_new_series_in_study_of_another_patient_refused(
-    store: Store, ct_files: list[Path]
-) -> None:
+def test_new_series_in_study_of_another_patient_refused(store: Store, ct_files: list[Path]) -> None:
     store.store_encoded(encoded(ct_files[3]), calling_aet="A", peer="p")
-    other = encoded(ct_files[4], PatientID="SOMEONE-ELSE",
-                    SeriesInstanceUID="1.2.826.0.1.3680043.8.498.4343")
+    other = encoded(
+        ct_files[4], PatientID="SOMEONE-ELSE", SeriesInstanceUID="1.2.826.0.1.3680043.8.498.4343"
+    )
     with pytest.raises(ConflictingInstanceError, match="different patient"):
         store.store_encoded(other, calling_aet="A", peer="p")
     assert len(files_under(store.root)) == 1

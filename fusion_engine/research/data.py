@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from fusion_engine.defaults import DEFAULT_CT_WINDOW
 from fusion_engine.errors import InputError
 from fusion_engine.intensity import ct_to_unit, mr_to_unit, png_to_unit
 
@@ -109,7 +110,7 @@ class TrainingSet:
 
     images: list[FloatArray] = field(default_factory=list)
     ct_hu: list[npt.NDArray[np.int16]] = field(default_factory=list)
-    ct_windows: tuple[tuple[float, float], ...] = ((40.0, 400.0),)
+    ct_windows: tuple[tuple[float, float], ...] = (DEFAULT_CT_WINDOW,)
     val_images: list[FloatArray] = field(default_factory=list)
     val_names: list[str] = field(default_factory=list)
     description: list[str] = field(default_factory=list)
@@ -137,7 +138,7 @@ def load_training_set(
     *,
     val_cases: tuple[str, ...] = DEFAULT_VAL_CASES,
     use_phantom: bool = True,
-    ct_windows: tuple[tuple[float, float], ...] = ((40.0, 400.0),),
+    ct_windows: tuple[tuple[float, float], ...] = (DEFAULT_CT_WINDOW,),
     max_phantom_slices: int | None = None,
 ) -> TrainingSet:
     """Load AANLIB (split by case) and, when present and wanted, the MRI-DIR phantom slices."""
@@ -161,7 +162,7 @@ def load_training_set(
     if use_phantom and (phantom / "ct").is_dir() and (phantom / "mr").is_dir():
         ct_vol = read_dicom_series(phantom / "ct")
         mr_vol = mr_to_unit(read_dicom_series(phantom / "mr"))
-        ct_keep = _useful_slices(ct_to_unit(ct_vol, (40.0, 400.0)))
+        ct_keep = _useful_slices(ct_to_unit(ct_vol, DEFAULT_CT_WINDOW))
         mr_keep = _useful_slices(mr_vol)
         if max_phantom_slices is not None:
             ct_keep = ct_keep[:: max(1, len(ct_keep) // max_phantom_slices)][:max_phantom_slices]

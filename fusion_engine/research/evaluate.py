@@ -2,9 +2,9 @@
 
 For each CT/MR pair, every method's result is rounded to 8 bit (as fused images are saved and
 as the golden metric values were computed) and scored with the eight metrics of
-:mod:`fusion_engine.metrics`. The report gives mean +- sd per metric and method, the rank of
-the default strategy, paired t-test p-values of the default against each other method, the
-paper's Table 2 figures for reference and an example PNG grid.
+:mod:`fusion_engine.research.metrics`. The report gives mean +- sd per metric and method,
+the rank of the default strategy, paired t-test p-values of the default against each other
+method, the paper's Table 2 figures for reference and an example PNG grid.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from fusion_engine.defaults import DEFAULT_STRATEGY
 from fusion_engine.errors import InputError
 
 PAPER_TABLE2: dict[str, float] = {
@@ -38,7 +39,7 @@ BASELINE_METHODS: dict[str, str] = {
     "laplacian-pyramid": "laplacian",
     "dwt": "dwt",
 }
-"""Report column name -> :func:`fusion_engine.baselines.fuse_baseline` name."""
+"""Report column name -> :func:`fusion_engine.research.baselines.fuse_baseline` name."""
 
 TARGET_FIRST = ("Qabf", "VIFF")
 TARGET_ABOVE_NETWORK = ("AG", "SF", "EN")
@@ -101,15 +102,23 @@ def shortfalls(report: Report, network_methods: Sequence[str]) -> list[str]:
     others_net = [x for x in network_methods if x != d] + ["pixel-average"]
     for metric in (*TARGET_FIRST, *TARGET_ABOVE_NETWORK):
         pool = report.methods if metric in TARGET_FIRST else others_net
-        ahead = [m for m in pool if m != d and m in report.methods
-                 and report.mean(m, metric) >= report.mean(d, metric)]
+        ahead = [
+            m
+            for m in pool
+            if m != d and m in report.methods and report.mean(m, metric) >= report.mean(d, metric)
+        ]
         if not ahead:
             continue
         ahead.sort(key=lambda m: -report.mean(m, metric))
-        parts = [f"`{m}` {_fmt(report.mean(m, metric), metric)} "
-                 f"(p = {_fmt_p(report.p_value(m, metric))})" for m in ahead]
-        lines.append(f"{metric}: `{d}` scores {_fmt(report.mean(d, metric), metric)}, "
-                     f"below {', '.join(parts)}.")
+        parts = [
+            f"`{m}` {_fmt(report.mean(m, metric), metric)} "
+            f"(p = {_fmt_p(report.p_value(m, metric))})"
+            for m in ahead
+        ]
+        lines.append(
+            f"{metric}: `{d}` scores {_fmt(report.mean(d, metric), metric)}, "
+            f"below {', '.join(parts)}."
+        )
     return lines
 
 
@@ -128,8 +137,13 @@ def _fmt_p(p: float) -> str:
 def render_markdown(report: Report, network_methods: Sequence[str], title: str) -> str:
     """Markdown: mean +- sd table (rows metrics, columns methods), p-values, target checks."""
     d = report.default
-    lines = [f"# {title}", "", f"{len(report.names)} pairs; default strategy: `{d}`; "
-             "all metrics higher is better; **bold** = best mean.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(report.names)} pairs; default strategy: `{d}`; "
+        "all metrics higher is better; **bold** = best mean.",
+        "",
+    ]
     header = ["metric", *report.methods, "paper (Table 2)"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -158,7 +172,7 @@ def render_markdown(report: Report, network_methods: Sequence[str], title: str) 
             doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
             lines.append(f"- `{m}` (network): {doc}")
         else:
-            lines.append(f"- `{m}`: classical baseline (`fusion_engine.baselines`)")
+            lines.append(f"- `{m}`: classical baseline (`fusion_engine.research.baselines`)")
     lines += ["", "Quality target:", ""]
     for text, ok in report.target_checks(network_methods).items():
         lines.append(f"- [{'x' if ok else ' '}] {text}")
@@ -175,14 +189,25 @@ def write_csv(report: Report, path: Path) -> None:
     others = [m for m in report.methods if m != report.default]
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["metric", *[f"{m} mean" for m in report.methods],
-                    *[f"{m} sd" for m in report.methods],
-                    *[f"p {report.default} vs {m}" for m in others], "paper"])
+        w.writerow(
+            [
+                "metric",
+                *[f"{m} mean" for m in report.methods],
+                *[f"{m} sd" for m in report.methods],
+                *[f"p {report.default} vs {m}" for m in others],
+                "paper",
+            ]
+        )
         for metric in report.metrics:
-            w.writerow([metric, *[f"{report.mean(m, metric):.6g}" for m in report.methods],
-                        *[f"{report.sd(m, metric):.6g}" for m in report.methods],
-                        *[f"{report.p_value(m, metric):.6g}" for m in others],
-                        PAPER_TABLE2.get(metric, "")])
+            w.writerow(
+                [
+                    metric,
+                    *[f"{report.mean(m, metric):.6g}" for m in report.methods],
+                    *[f"{report.sd(m, metric):.6g}" for m in report.methods],
+                    *[f"{report.p_value(m, metric):.6g}" for m in others],
+                    PAPER_TABLE2.get(metric, ""),
+                ]
+            )
 
 
 def write_pairs_csv(report: Report, path: Path) -> None:
@@ -195,9 +220,14 @@ def write_pairs_csv(report: Report, path: Path) -> None:
                 w.writerow([name, m, *[f"{report.scores[m][k][i]:.6g}" for k in report.metrics]])
 
 
-def write_grid(path: Path, names: Sequence[str], ct: Sequence[npt.NDArray[np.uint8]],
-               mr: Sequence[npt.NDArray[np.uint8]],
-               fused: dict[str, list[npt.NDArray[np.uint8]]], rows: Sequence[int]) -> None:
+def write_grid(
+    path: Path,
+    names: Sequence[str],
+    ct: Sequence[npt.NDArray[np.uint8]],
+    mr: Sequence[npt.NDArray[np.uint8]],
+    fused: dict[str, list[npt.NDArray[np.uint8]]],
+    rows: Sequence[int],
+) -> None:
     """PNG grid: one row per pair (CT, MR, each method's 8-bit result)."""
     import matplotlib
 
@@ -205,8 +235,9 @@ def write_grid(path: Path, names: Sequence[str], ct: Sequence[npt.NDArray[np.uin
     import matplotlib.pyplot as plt
 
     cols = ["CT", "MR", *fused]
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.9 * len(cols), 2.0 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), len(cols), figsize=(1.9 * len(cols), 2.0 * len(rows)), squeeze=False
+    )
     for r, i in enumerate(rows):
         images = [ct[i], mr[i], *[fused[m][i] for m in fused]]
         for c, (title, img) in enumerate(zip(cols, images, strict=True)):
@@ -235,7 +266,7 @@ def evaluate(
     *,
     cases: Sequence[str] | None = None,
     strategies: Sequence[str] | None = None,
-    default: str = "mean-attention",
+    default: str = DEFAULT_STRATEGY,
     device: str = "auto",
     grid_pairs: int = 4,
     progress: bool = True,
@@ -248,11 +279,11 @@ def evaluate(
     """
     from rich.progress import Progress
 
-    from fusion_engine import baselines
-    from fusion_engine.data import list_pairs, read_grey_png
     from fusion_engine.inference import STRATEGIES, fuse
     from fusion_engine.intensity import unit_to_uint8
-    from fusion_engine.metrics import METRIC_NAMES, all_metrics
+    from fusion_engine.research import baselines
+    from fusion_engine.research.data import list_pairs, read_grey_png
+    from fusion_engine.research.metrics import METRIC_NAMES, all_metrics
 
     net = list(strategies) if strategies is not None else list(STRATEGIES)
     if default not in net:
@@ -280,9 +311,14 @@ def evaluate(
                 fused[s] = [unit_to_uint8(r) for r in res]
             else:
                 fused[s] = [
-                    unit_to_uint8(do_fuse(a.astype(np.float32) / 255.0,
-                                          b.astype(np.float32) / 255.0,
-                                          strategy=s, device=device))
+                    unit_to_uint8(
+                        do_fuse(
+                            a.astype(np.float32) / 255.0,
+                            b.astype(np.float32) / 255.0,
+                            strategy=s,
+                            device=device,
+                        )
+                    )
                     for a, b in zip(ct8, mr8, strict=True)
                 ]
             bar.advance(task)
@@ -292,13 +328,15 @@ def evaluate(
                 fused[col].append(baselines.to_uint8(f))
                 bar.advance(task)
         metrics = list(METRIC_NAMES)
-        scores: dict[str, dict[str, list[float]]] = {m: {k: [] for k in metrics}
-                                                     for m in methods}
+        scores: dict[str, dict[str, list[float]]] = {m: {k: [] for k in metrics} for m in methods}
         task2 = bar.add_task("scoring", total=len(methods) * len(pairs))
         for m in methods:
             for i in range(len(pairs)):
-                vals = all_metrics(ct8[i].astype(np.float64), mr8[i].astype(np.float64),
-                                   fused[m][i].astype(np.float64))
+                vals = all_metrics(
+                    ct8[i].astype(np.float64),
+                    mr8[i].astype(np.float64),
+                    fused[m][i].astype(np.float64),
+                )
                 for k in metrics:
                     scores[m][k].append(float(vals[k]))
                 bar.advance(task2)

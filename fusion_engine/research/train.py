@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusion_engine.data import (
+from fusion_engine.defaults import DEFAULT_CT_WINDOW
+from fusion_engine.model import FusionNet, count_parameters
+from fusion_engine.research.data import (
     DEFAULT_VAL_CASES,
     TrainingSet,
     load_training_set,
     random_crop_batch,
 )
-from fusion_engine.model import FusionNet, count_parameters
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
@@ -79,7 +80,7 @@ class TrainConfig:
     val_cases: tuple[str, ...] = DEFAULT_VAL_CASES
     val_every: int = 100
     use_phantom: bool = True
-    ct_windows: tuple[tuple[float, float], ...] = ((40.0, 400.0),)
+    ct_windows: tuple[tuple[float, float], ...] = (DEFAULT_CT_WINDOW,)
     max_phantom_slices: int | None = None
     device: str = "auto"
     threads: int | None = None
@@ -241,8 +242,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         TimeRemainingColumn(),
         disable=not progress,
     ) as bar:
-        task = bar.add_task("train", total=cfg.steps, completed=step, loss=float("nan"),
-                            val="-", speed="")
+        task = bar.add_task(
+            "train", total=cfg.steps, completed=step, loss=float("nan"), val="-", speed=""
+        )
         while step < cfg.steps:
             batch = torch.from_numpy(random_crop_batch(ts, cfg.batch_size, cfg.crop, np_rng))
             batch = batch.to(device).contiguous(memory_format=torch.channels_last)
@@ -256,26 +258,42 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
             running.append(loss.item())
             now = time.monotonic()
             speed = imgs_since / max(now - t_last, 1e-9)
-            bar.update(task, completed=step, loss=float(np.mean(running[-20:])),
-                       speed=f"{speed:.2f} img/s")
+            bar.update(
+                task, completed=step, loss=float(np.mean(running[-20:])), speed=f"{speed:.2f} img/s"
+            )
             over_time = (
-                cfg.time_budget_s is not None
-                and elapsed_before + (now - t0) >= cfg.time_budget_s
+                cfg.time_budget_s is not None and elapsed_before + (now - t0) >= cfg.time_budget_s
             )
             if step % cfg.val_every == 0 or step == cfg.steps or over_time:
                 v = validate(model, ts, device)
-                row = [step, float(np.mean(running)), v["val_loss"], v["val_ssim"], v["val_psnr"],
-                       elapsed_before + (now - t0), speed]
+                row = [
+                    step,
+                    float(np.mean(running)),
+                    v["val_loss"],
+                    v["val_ssim"],
+                    v["val_psnr"],
+                    elapsed_before + (now - t0),
+                    speed,
+                ]
                 with csv_path.open("a", newline="") as fh:
                     csv.writer(fh).writerow(row)
                 if v["val_loss"] < best["val_loss"]:
                     best = {"step": step, **v}
-                    torch.save({"model": model.state_dict(), "step": step, "val": v,
-                                "config": asdict(cfg)}, out / "best.pt")
+                    torch.save(
+                        {
+                            "model": model.state_dict(),
+                            "step": step,
+                            "val": v,
+                            "config": asdict(cfg),
+                        },
+                        out / "best.pt",
+                    )
                 save_last()
                 _plot_curve(csv_path, out / "loss.png")
-                log.write(f"step {step} train {np.mean(running):.5f} val {v} "
-                          f"elapsed {elapsed_before + now - t0:.0f}s {speed:.2f} img/s\n")
+                log.write(
+                    f"step {step} train {np.mean(running):.5f} val {v} "
+                    f"elapsed {elapsed_before + now - t0:.0f}s {speed:.2f} img/s\n"
+                )
                 log.flush()
                 bar.update(task, val=f"{v['val_loss']:.4f} ssim {v['val_ssim']:.3f}")
                 running = []
@@ -287,14 +305,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     seconds = elapsed_before + (time.monotonic() - t0)
     log.write(f"done step={step} seconds={seconds:.0f} best={best}\n")
     log.close()
-    return TrainResult(step, seconds, int(best["step"]), float(best["val_loss"]),
-                       float(best["val_ssim"]), float(best["val_psnr"]), str(out))
+    return TrainResult(
+        step,
+        seconds,
+        int(best["step"]),
+        float(best["val_loss"]),
+        float(best["val_ssim"]),
+        float(best["val_psnr"]),
+        str(out),
+    )
 
 
 def _run_facts(run_dir: Path, step: int) -> dict[str, Any]:
     """Training time at ``step``, total steps/time and data lines from a run directory."""
-    facts: dict[str, Any] = {"seconds_at_step": None, "data": [], "steps_run": None,
-                             "seconds_total": None}
+    facts: dict[str, Any] = {
+        "seconds_at_step": None,
+        "data": [],
+        "steps_run": None,
+        "seconds_total": None,
+    }
     csv_path = run_dir / "loss.csv"
     if csv_path.is_file():
         rows = list(csv.DictReader(csv_path.open()))
@@ -357,8 +386,12 @@ The inputs must be prepared as in `fusion_engine.intensity` (CT window, MR perce
 """
 
 
-def write_model_card(dest_dir: Path, manifest: dict[str, Any], run_dir: Path | None,
-                     device_desc: str = "a shared 2-core CPU (AVX-512)") -> Path:
+def write_model_card(
+    dest_dir: Path,
+    manifest: dict[str, Any],
+    run_dir: Path | None,
+    device_desc: str = "a shared 2-core CPU (AVX-512)",
+) -> Path:
     """Write ``MODEL_CARD.md`` next to the weights from the manifest and the run directory."""
     from fusion_engine.inference import MODEL_NAME, MODEL_RELEASE
 
@@ -371,11 +404,16 @@ def write_model_card(dest_dir: Path, manifest: dict[str, Any], run_dir: Path | N
         return "n/a" if x is None else f"{float(x) / 60:.0f}"
 
     windows = " ".join(f"--ct-window {c:g},{w:g}" for c, w in cfg.get("ct_windows", []))
-    command = (f"fusion-engine train --data {cfg.get('data')} --out {cfg.get('out')} "
-               f"--steps {cfg.get('steps')} --val-every {cfg.get('val_every')} "
-               + (f"--time-budget-min {float(cfg['time_budget_s']) / 60:g} "
-                  if cfg.get("time_budget_s") else "")
-               + windows)
+    command = (
+        f"fusion-engine train --data {cfg.get('data')} --out {cfg.get('out')} "
+        f"--steps {cfg.get('steps')} --val-every {cfg.get('val_every')} "
+        + (
+            f"--time-budget-min {float(cfg['time_budget_s']) / 60:g} "
+            if cfg.get("time_budget_s")
+            else ""
+        )
+        + windows
+    )
     data_lines = facts.get("data") or ["(see the run's train.log)"]
     text = MODEL_CARD_TEMPLATE.format(
         version=f"{MODEL_NAME} {MODEL_RELEASE} (sha256 {manifest['sha256'][:8]})",
@@ -384,7 +422,9 @@ def write_model_card(dest_dir: Path, manifest: dict[str, Any], run_dir: Path | N
         sha256=manifest["sha256"],
         params=count_parameters(FusionNet()),
         command=command.strip(),
-        lr=float(cfg.get("lr", 1e-4)), batch=cfg.get("batch_size"), crop=cfg.get("crop"),
+        lr=float(cfg.get("lr", 1e-4)),
+        batch=cfg.get("batch_size"),
+        crop=cfg.get("crop"),
         seed=cfg.get("seed"),
         data="\n".join(f"  - {d}" for d in data_lines),
         val_cases=", ".join(cfg.get("val_cases", [])),
