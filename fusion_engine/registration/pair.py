@@ -66,6 +66,8 @@ class Pair:
     ct_axes: FloatArray
     mr_center: FloatArray
     mr_axes: FloatArray
+    mr_cut: list[int]
+    ct_cut: list[int]
     filters: Filters
     edges: tuple[FloatArray, FloatArray]
     _similarities: dict[tuple[int, int, int, int], Similarity] = field(default_factory=dict)
@@ -160,6 +162,8 @@ def prepare(ct: sitk.Image, mr: sitk.Image, filters: Filters) -> Pair:
         ct_axes=ct_axes,
         mr_center=mr_center,
         mr_axes=mr_axes,
+        mr_cut=masks.cut_axes(mr_mask),
+        ct_cut=masks.cut_axes(ct_mask),
         filters=filters,
         edges=edges,
     )

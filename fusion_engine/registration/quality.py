@@ -129,7 +129,9 @@ class RegistrationQuality:
 
 def _short(check: Check) -> str:
     mark = "" if check.passed else " FAIL"
-    return f"{check.value:.1f} {check.unit}{mark}".replace(" /", "/")
+    if check.unit.startswith("/"):
+        return f"{check.value:.0f}{check.unit}{mark}"
+    return f"{check.value:.1f} {check.unit}{mark}"
 
 
 def mean_shift(a: Pose, b: Pose, points: FloatArray) -> float:

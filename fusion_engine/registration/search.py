@@ -105,10 +105,8 @@ def orientations(pair: Pair) -> list[tuple[str, FloatArray]]:
 
 def _directions(pair: Pair, matrix: FloatArray) -> list[FloatArray]:
     """Unit vectors (CT space) along which one image cuts the head; near-parallel ones merged."""
-    from fusion_engine.registration.masks import cut_axes
-
-    dirs = [matrix @ geo.direction(pair.mr_image)[:, i] for i in cut_axes(pair.mr_mask)]
-    dirs += [geo.direction(pair.ct_image)[:, i] for i in cut_axes(pair.ct_mask)]
+    dirs = [matrix @ geo.direction(pair.mr_image)[:, i] for i in pair.mr_cut]
+    dirs += [geo.direction(pair.ct_image)[:, i] for i in pair.ct_cut]
     out: list[FloatArray] = []
     for d in dirs:
         if all(abs(float(d @ o)) < 0.9 for o in out):
