@@ -64,7 +64,7 @@ def _quality(
     """Run the reliability check and collect the figures of ``pose``."""
     transform = to_transform(pose, pair.ct_center)
     dice, overlap = masks.mask_dice(pair.ct_mask, pair.mr_mask, transform, pair.filters)
-    checks = evaluate(pair, pose, value)
+    checks = evaluate(pair, pose)
     angle = geo.rotation_angle_deg(pose[0])
     quality = RegistrationQuality(
         metric_value=-value,

@@ -80,13 +80,6 @@ def rigid(matrix: FloatArray, center: FloatArray, translation: FloatArray) -> si
     return tr
 
 
-def affine(matrix: FloatArray, offset: FloatArray) -> sitk.AffineTransform:
-    """AffineTransform x -> A x + b (also for improper matrices, which a versor cannot hold)."""
-    tr = sitk.AffineTransform(3)
-    tr.SetMatrix([float(v) for v in np.asarray(matrix, dtype=np.float64).ravel()])
-    tr.SetTranslation([float(v) for v in offset])
-    return tr
-
 
 def rotation_angle_deg(matrix: FloatArray) -> float:
     """Rotation angle (degrees) of the rotation closest to ``matrix``."""
@@ -101,14 +94,6 @@ def axis_name(matrix: FloatArray) -> str:
     axis = np.real(vectors[:, int(np.argmin(np.abs(values - 1.0)))])
     return ("left-right", "anterior-posterior", "head-feet")[int(np.argmax(np.abs(axis)))]
 
-
-def axis_rotation(axis: int, degrees: float) -> FloatArray:
-    """Rotation by ``degrees`` about coordinate ``axis`` (0 = x, 1 = y, 2 = z)."""
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    i, j = [k for k in range(3) if k != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 def rotation_about(axis: FloatArray, degrees: float) -> FloatArray:
@@ -134,20 +119,6 @@ def cube_rotations() -> list[FloatArray]:
     return out
 
 
-def then(first: sitk.Transform, second: sitk.Transform) -> sitk.Transform:
-    """x -> second(first(x))."""
-    out = sitk.CompositeTransform(3)
-    out.AddTransform(second)
-    out.AddTransform(first)
-    return out
-
-
-def mean_displacement(a: sitk.Transform, b: sitk.Transform, points: FloatArray) -> float:
-    """Mean distance (mm) between where two affine transforms send ``points``."""
-    ma, oa = affine_of(a)
-    mb, ob = affine_of(b)
-    diff = points @ (ma - mb).T + (oa - ob)
-    return float(np.linalg.norm(diff, axis=1).mean())
 
 
 def reg_matrix_mr_to_ct(transform: sitk.Transform) -> FloatArray:

@@ -36,7 +36,7 @@ from fusion_engine.registration.geometry import FloatArray
 from fusion_engine.registration.masks import SEED
 from fusion_engine.registration.pair import FINAL_LEVEL, Pair
 from fusion_engine.registration.refine import FINAL_STEPS, local_search, newton_search, step_pose
-from fusion_engine.registration.similarity import Poses, Similarity
+from fusion_engine.registration.similarity import Poses
 
 OPTIMUM_TOL_MM = 1.5
 """A local search from the result may move it this far (mean over the MR head) at most: three
@@ -171,8 +171,8 @@ def _start_params() -> list[FloatArray]:
 
 def check_starts(pair: Pair, pose: Pose, pts: FloatArray) -> Check:
     """Starts around the result (on the 4 mm level) must come back to it or end at a pose that
-    fits worse; one that ends elsewhere and fits better is refined and compared at full
-    resolution."""
+    fits worse; one that ends elsewhere and fits better is refined and compared on the finest
+    level's metric."""
     c = pair.mr_center
     sim = pair.similarity(0, START_POINTS)
     starts = [pose] + [step_pose(pose[0], pose[1], c, p) for p in _start_params()]
@@ -274,8 +274,8 @@ def check_halves(pair: Pair, pose: Pose) -> Check:
     )
 
 
-def evaluate(pair: Pair, pose: Pose, value: float) -> list[Check]:
-    """All checks of ``pose`` (MR -> CT) whose full-resolution metric is ``value``."""
+def evaluate(pair: Pair, pose: Pose) -> list[Check]:
+    """All checks of ``pose`` (MR point -> CT point)."""
     pts = pair.mr_points(3000)
     return [
         check_optimum(pair, pose, pts),
@@ -285,4 +285,4 @@ def evaluate(pair: Pair, pose: Pose, value: float) -> list[Check]:
     ]
 
 
-__all__ = ["Check", "RegistrationQuality", "Similarity", "evaluate"]
+__all__ = ["Check", "RegistrationQuality", "evaluate"]
