@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from dicom_node.config import read_config_file  # noqa: E402
 from dicom_node.db import make_engine, session_factory  # noqa: E402
-from dicom_node.dispatch import job_dir, manifest_info  # noqa: E402
 from dicom_node.models import Job  # noqa: E402
+from dicom_node.orchestration.dispatch import job_dir, manifest_info  # noqa: E402
 from tests.orthanc import Orthanc  # noqa: E402
 from tests.peers import free_port, port_open  # noqa: E402
 

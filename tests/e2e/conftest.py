@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig, read_config_file
 from dicom_node.db import make_engine, migrate, session_factory
-from dicom_node.store import Store
+from dicom_node.storage.store import Store
 from tests.peers import FIXTURES, dcmtk, free_port, port_open, wait_until
 
 SMALL = FIXTURES / "mridir_small"

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from dicom_node import dispatch, jobs, models, pairing, retention
+from dicom_node import models
 from dicom_node.config import NodeConfig
 from dicom_node.models import Job, PairingDecision, Send, SeriesProgress
+from dicom_node.orchestration import dispatch, jobs, pairing
+from dicom_node.storage import retention
 from tests.e2e.conftest import (
     CT_DIR,
     MR_DIR,

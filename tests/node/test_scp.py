@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from dicom_node.db import make_engine, session_factory
 from dicom_node.models import Instance, Patient, Series
-from dicom_node.store import dataset_offset
+from dicom_node.storage.store import dataset_offset
 from tests.node.conftest import Node
 from tests.peers import dcmtk, port_open, wait_until
 

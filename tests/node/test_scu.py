@@ -1,4 +1,4 @@
-"""dicom_node.scu against real peers: Orthanc, DCMTK storescp, and small pynetdicom SCPs."""
+"""dicom_node.net.scu against real peers: Orthanc, DCMTK storescp, and small pynetdicom SCPs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.errors import NetworkError, SendError
-from dicom_node.scu import SendResult, echo, send_datasets, send_files
+from dicom_node.net.scu import SendResult, echo, send_datasets, send_files
 from tests.orthanc import Orthanc, Peer
 from tests.peers import (
     FIXTURES,
@@ -381,9 +381,9 @@ def test_summary_log_has_no_patient_identifiers(
 ) -> None:
     files = fixture_files(CT_DIR, 2)
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    with caplog.at_level("INFO", logger="dicom_node.scu"):
+    with caplog.at_level("INFO", logger="dicom_node.net.scu"):
         send_files(orthanc.destination, files, calling_aet=AET)
-    infos = [r.getMessage() for r in caplog.records if r.name == "dicom_node.scu"]
+    infos = [r.getMessage() for r in caplog.records if r.name == "dicom_node.net.scu"]
     summary = [m for m in infos if m.startswith("send to ORTHANC@127.0.0.1")]
     assert summary and "2/2 instances" in summary[0] and "bytes" in summary[0]
     assert summary[0].endswith(" ok")

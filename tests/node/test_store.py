@@ -23,7 +23,7 @@ from dicom_node.errors import (
     StorageFullError,
 )
 from dicom_node.models import Instance, SchemaVersion, Series
-from dicom_node.store import Store, dataset_offset, safe_uid
+from dicom_node.storage.store import Store, dataset_offset, safe_uid
 
 # The tests write deliberately invalid datasets; pydicom warns while reading them back.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from dicom_node import worker
 from dicom_node.config import NodeConfig
+from dicom_node.orchestration import worker
 from fusion_engine import onednn
 
 
@@ -24,7 +24,7 @@ def test_bf16_request_is_reported_as_it_will_run(
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unusable_device_is_logged_at_start(caplog: pytest.LogCaptureFixture) -> None:
     cfg = NodeConfig.model_validate({"worker": {"device": "cuda"}})
-    with caplog.at_level(logging.ERROR, logger="dicom_node.worker"):
+    with caplog.at_level(logging.ERROR, logger="dicom_node.orchestration.worker"):
         summary = worker._compute_summary(cfg)
     assert "unusable" in summary
     assert "CUDA is not available" in caplog.text

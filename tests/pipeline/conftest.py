@@ -14,9 +14,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from dicom_node import derive
-from dicom_node.pipeline import DEFAULT_MAX_GAP_MM, mr_slices_per_ct_slice
-from dicom_node.volumes import SeriesVolume, read_series, read_series_dir
+from dicom_node.imaging import derive
+from dicom_node.imaging.pipeline import DEFAULT_MAX_GAP_MM, mr_slices_per_ct_slice
+from dicom_node.imaging.volumes import SeriesVolume, read_series, read_series_dir
 from fusion_engine.intensity import ct_to_unit
 from tests.peers import FIXTURES, require_binary
 

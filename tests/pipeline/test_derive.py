@@ -11,8 +11,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage
 
-from dicom_node import derive
 from dicom_node.errors import DeriveError
+from dicom_node.imaging import derive
 from tests.pipeline.conftest import (
     IdentityOutputs,
     assert_same_plane,

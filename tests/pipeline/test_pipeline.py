@@ -14,7 +14,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from dicom_node.pipeline import PipelineResult, run_offline
+from dicom_node.imaging.pipeline import PipelineResult, run_offline
 from fusion_engine.intensity import ct_to_unit
 from fusion_engine.volume import fuse_volume
 from tests.peers import MRIDIR, require_full_data
@@ -240,7 +240,7 @@ def test_preview_lps_view_matches_dicomorient() -> None:
     """The cheap LPS view equals SimpleITK's DICOMOrient for every axis-aligned direction."""
     import itertools
 
-    from dicom_node.preview import _lps_view
+    from dicom_node.imaging.preview import _lps_view
 
     rng = np.random.default_rng(0)
     for perm in itertools.permutations(range(3)):
@@ -258,7 +258,7 @@ def test_preview_lps_view_matches_dicomorient() -> None:
 
 
 def test_preview_png(tmp_path: Path) -> None:
-    from dicom_node.preview import write_preview
+    from dicom_node.imaging.preview import write_preview
 
     arr = np.zeros((20, 40, 30), np.float32)
     arr[5:15, 10:30, 5:25] = 100.0

@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import SeriesError
-from dicom_node.pipeline import DEFAULT_MAX_GAP_MM
-from dicom_node.volumes import SeriesVolume, read_series, read_series_dir
+from dicom_node.imaging.pipeline import DEFAULT_MAX_GAP_MM
+from dicom_node.imaging.volumes import SeriesVolume, read_series, read_series_dir
 from tests.pipeline.conftest import SMALL_CT, SMALL_MR, save_all
 
 Copier = Callable[[Path], tuple[Path, list[Dataset]]]

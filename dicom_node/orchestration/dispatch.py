@@ -29,10 +29,11 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import scu
 from dicom_node.config import ALL_KINDS, NodeConfig
 from dicom_node.errors import NetworkError, SendError
-from dicom_node.jobs import (
+from dicom_node.models import Job, Send, SentInstance, utcnow
+from dicom_node.net import scu
+from dicom_node.orchestration.jobs import (
     SEND_DONE,
     SEND_FAILED,
     SEND_PENDING,
@@ -44,7 +45,6 @@ from dicom_node.jobs import (
     finish_if_sent,
     settings,
 )
-from dicom_node.models import Job, Send, SentInstance, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -2,16 +2,16 @@
 
 It runs in its own process (``dicom-node worker``, or the one ``dicom-node serve`` embeds), so a
 crash or an out-of-memory kill here never touches the SCP's associations. Any number of workers
-may share one database: claims are atomic (see :mod:`dicom_node.jobs`).
+may share one database: claims are atomic (see :mod:`dicom_node.orchestration.jobs`).
 
 For each claimed job the worker
 
 1. reuses the derived files of an earlier attempt when their manifest is complete (a retry
-   never recomputes), else reads both series, runs :func:`dicom_node.pipeline.run_pair`
+   never recomputes), else reads both series, runs :func:`dicom_node.imaging.pipeline.run_pair`
    (registering, fusing) and writes every derived instance plus ``manifest.json`` under
    ``storage.root/derived/<job id>/`` (writing);
 2. sends to every destination once (sending); destinations that fail are left to the
-   per-destination retries of :func:`dicom_node.dispatch.retry_due_sends`.
+   per-destination retries of :func:`dicom_node.orchestration.dispatch.retry_due_sends`.
 
 While it works it refreshes the job's heartbeat; SIGTERM makes it hand the job back to the
 queue (without counting the attempt) and exit.
@@ -38,11 +38,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import dispatch, jobs, models
+from dicom_node import models
 from dicom_node.config import ConfigWatcher, NodeConfig
-from dicom_node.dispatch import DerivedFile
 from dicom_node.errors import EXIT_DATA, NodeError
 from dicom_node.models import Instance, Job, Series
+from dicom_node.orchestration import dispatch, jobs
+from dicom_node.orchestration.dispatch import DerivedFile
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def compute(
     ctx: Context, job: Job, folder: Path, on_stage: Callable[[str], None]
 ) -> list[DerivedFile]:
     """Read both series, register, fuse, derive and write the outputs of ``job``."""
-    from dicom_node import pipeline  # heavy (torch, SimpleITK): only in the worker
+    from dicom_node.imaging import pipeline  # heavy (torch, SimpleITK): only in the worker
 
     config = ctx.config
     root = config.storage.root
@@ -383,7 +384,7 @@ def main(
 
 # --------------------------------------------------------------------------- embedded worker
 def _embedded_entry(config: NodeConfig, config_file: Path | None) -> None:
-    from dicom_node.logging_setup import setup_logging
+    from dicom_node.logs import setup_logging
 
     setup_logging(config.logging)
     raise SystemExit(main(config, config_file))

@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import dispatch, jobs, pairing, retention
 from dicom_node.config import NodeConfig
+from dicom_node.orchestration import dispatch, jobs, pairing
+from dicom_node.storage import retention
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class NodeScheduler:
 
     # ------------------------------------------------------------------ tasks
     def scan(self) -> None:
-        """Complete quiet series and pair (see :func:`dicom_node.pairing.scan`)."""
+        """Complete quiet series and pair (see :func:`dicom_node.orchestration.pairing.scan`)."""
         try:
             result = pairing.scan(self.sessions, self.config)
         except Exception:

@@ -20,8 +20,6 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
-from dicom_node.dispatch import job_dir
-from dicom_node.jobs import DONE
 from dicom_node.models import (
     Instance,
     Job,
@@ -31,6 +29,8 @@ from dicom_node.models import (
     Study,
     utcnow,
 )
+from dicom_node.orchestration.dispatch import job_dir
+from dicom_node.orchestration.jobs import DONE
 
 log = logging.getLogger(__name__)
 

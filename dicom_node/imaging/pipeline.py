@@ -5,7 +5,7 @@
 1. ``register``  rigid MR -> CT (:func:`fusion_engine.registration.register`);
 2. ``resample``  MR onto the CT grid + mask of where the MR has data;
 3. ``fuse``      :func:`fusion_engine.volume.fuse_volume` over the CT's real slices;
-4. ``derive``    the three derived objects (:mod:`dicom_node.derive`).
+4. ``derive``    the three derived objects (:mod:`dicom_node.imaging.derive`).
 
 ``run_offline`` adds reading the two folders, writing the objects and a PNG preview:
 
@@ -35,9 +35,9 @@ import numpy.typing as npt
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from dicom_node import derive
 from dicom_node.errors import PipelineError
-from dicom_node.volumes import SeriesVolume, read_series_dir
+from dicom_node.imaging import derive
+from dicom_node.imaging.volumes import SeriesVolume, read_series_dir
 from fusion_engine.defaults import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
@@ -353,7 +353,7 @@ def run_offline(
 
     Used by ``dicom-node fuse``. Output layout: see the module docstring.
     """
-    from dicom_node.preview import write_preview
+    from dicom_node.imaging.preview import write_preview
 
     settings = _settings(config, strategy=strategy, max_gap_mm=max_gap_mm)
     times: dict[str, float] = {}
@@ -443,7 +443,7 @@ def read_pair(
     ct_paths: Sequence[Path], mr_paths: Sequence[Path], *, config: NodeConfig | None = None
 ) -> tuple[SeriesVolume, SeriesVolume]:
     """Read a stored CT and MR series with the pipeline's gap policy (for the worker)."""
-    from dicom_node.volumes import read_series
+    from dicom_node.imaging.volumes import read_series
 
     settings = _settings(config)
     return (

@@ -15,10 +15,11 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import jobs, models, pairing
+from dicom_node import models
 from dicom_node.config import NodeConfig
 from dicom_node.errors import EXIT_OK, EXIT_USAGE
 from dicom_node.models import Job, JobStage, PairingDecision, Send
+from dicom_node.orchestration import jobs, pairing
 
 _STATE_STYLE = {
     jobs.DONE: "green",

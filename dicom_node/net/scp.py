@@ -24,7 +24,7 @@ from pynetdicom import AE, evt
 
 from dicom_node.config import NodeConfig
 from dicom_node.errors import STATUS_PROCESSING_FAILURE, NetworkError, NodeError
-from dicom_node.store import Store
+from dicom_node.storage.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
-from dicom_node.jobs import create_job
 from dicom_node.models import (
     Instance,
     Job,
@@ -43,6 +42,7 @@ from dicom_node.models import (
     Study,
     utcnow,
 )
+from dicom_node.orchestration.jobs import create_job
 
 log = logging.getLogger(__name__)
 

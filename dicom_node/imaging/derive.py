@@ -38,7 +38,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
 
 from dicom_node.errors import DeriveError
-from dicom_node.volumes import SeriesVolume
+from dicom_node.imaging.volumes import SeriesVolume
 
 SPATIAL_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
 MANUFACTURER = "mrct-fusion-node"

@@ -72,9 +72,9 @@ def _destination(cfg: NodeConfig, name: str) -> Destination:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the storage SCP until SIGTERM/SIGINT."""
     from dicom_node.db import make_engine, migrate, session_factory
-    from dicom_node.logging_setup import set_level, setup_logging
-    from dicom_node.scp import StorageSCP
-    from dicom_node.store import Store
+    from dicom_node.logs import set_level, setup_logging
+    from dicom_node.net.scp import StorageSCP
+    from dicom_node.storage.store import Store
 
     overrides: dict[str, Any] = {
         "node.port": args.port,
@@ -102,8 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     scp.start()
     # -- orchestration (issue 5): scheduler + one embedded worker process ------------------
-    from dicom_node.scheduler import NodeScheduler
-    from dicom_node.worker import EmbeddedWorker
+    from dicom_node.orchestration.scheduler import NodeScheduler
+    from dicom_node.orchestration.worker import EmbeddedWorker
 
     # the worker re-reads the file only when no command-line override would be lost
     worker = EmbeddedWorker(cfg, None if any(v is not None for v in overrides.values()) else path)
@@ -146,10 +146,10 @@ def _optional_module(name: str, what: str) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run the fusion worker process (dicom_node.worker.main)."""
-    from dicom_node.logging_setup import setup_logging
+    """Run the fusion worker process (dicom_node.orchestration.worker.main)."""
+    from dicom_node.logs import setup_logging
 
-    worker = _optional_module("dicom_node.worker", "the worker")
+    worker = _optional_module("dicom_node.orchestration.worker", "the worker")
     cfg, path = _load(args)
     setup_logging(cfg.logging, verbose=args.verbose)
     return int(worker.main(cfg, path) or 0)
@@ -157,9 +157,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     """Offline fusion of a CT and an MR folder into an output folder."""
-    from dicom_node.logging_setup import setup_logging
+    from dicom_node.logs import setup_logging
 
-    pipeline = _optional_module("dicom_node.pipeline", "offline fusion")
+    pipeline = _optional_module("dicom_node.imaging.pipeline", "offline fusion")
     cfg, _ = _load(args)
     setup_logging(cfg.logging, verbose=args.verbose)
     for flag, folder in (("--ct", args.ct), ("--mr", args.mr)):
@@ -183,8 +183,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    """Job administration (dicom_node.jobs_cli)."""
-    jobs_cli = _optional_module("dicom_node.jobs_cli", "job administration")
+    """Job administration (dicom_node.cli.jobs)."""
+    jobs_cli = _optional_module("dicom_node.cli.jobs", "job administration")
     cfg, _ = _load(args)
     if args.jobs_cmd == "list":
         return int(jobs_cli.list_jobs(cfg, state=args.state, limit=args.limit) or 0)
@@ -195,7 +195,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 # -- echo / send -----------------------------------------------------------------------------
 def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO a destination."""
-    from dicom_node.scu import echo
+    from dicom_node.net.scu import echo
 
     cfg, _ = _load(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
@@ -227,7 +227,7 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """C-STORE files / folders to a destination (one association per series)."""
-    from dicom_node.scu import send_files
+    from dicom_node.net.scu import send_files
 
     cfg, _ = _load(args)
     logging.basicConfig(
