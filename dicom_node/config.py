@@ -35,7 +35,8 @@ from pydantic import (
 )
 
 from dicom_node.errors import ConfigError
-from fusion_engine.defaults import DEFAULT_BATCH_SIZE
+from dicom_node.states import ALL_DERIVED_KINDS, DerivedKind
+from fusion_engine.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,12 @@ DEFAULT_CONFIG_PATH = Path("config") / "node.yaml"
 DEFAULT_STORAGE_DIR = "dicom-node-data"
 DB_FILENAME = "index.sqlite3"
 
-DerivedKind = Literal["fused", "registered_mr", "reg"]
-ALL_KINDS: tuple[DerivedKind, ...] = ("fused", "registered_mr", "reg")
+MAX_UID_ROOT_LENGTH = 32
+"""Longest ``derive.uid_root``: leaves at least 31 decimal digits of hash in a 64-character UID,
+so derived UIDs stay unique (see :func:`dicom_node.imaging.derive.derive_uid`)."""
+
+DEFAULT_MAX_GAP_MM = 10.0
+"""Widest gap between stored slices of a series that is still read as one volume."""
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _DEST_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -113,7 +118,7 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
-    send: list[DerivedKind] = Field(default_factory=lambda: list(ALL_KINDS))
+    send: list[DerivedKind] = Field(default_factory=lambda: list(ALL_DERIVED_KINDS))
 
     @field_validator("ae_title")
     @classmethod
@@ -176,8 +181,8 @@ class WorkerSection(_Section):
 class FusionSection(_Section):
     """``fusion``: fusion strategy and CT intensity window."""
 
-    strategy: str = "mean-attention"
-    ct_window: tuple[float, float] = (40.0, 400.0)
+    strategy: str = DEFAULT_STRATEGY
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
     batch_size: Annotated[int, Field(ge=1)] = DEFAULT_BATCH_SIZE
     precision: Literal["auto", "fp32", "channels_last", "bf16"] = "auto"
 
@@ -199,9 +204,18 @@ class DeriveSection(_Section):
     @classmethod
     def _root(cls, v: str) -> str:
         v = v.rstrip(".")
-        if not _UID_ROOT_RE.match(v) or len(v) > 32:
-            raise ValueError(f"{v!r} is not a valid UID root (digits and dots, at most 32 chars)")
+        if not _UID_ROOT_RE.match(v) or len(v) > MAX_UID_ROOT_LENGTH:
+            raise ValueError(
+                f"{v!r} is not a valid UID root (digits and dots, "
+                f"at most {MAX_UID_ROOT_LENGTH} characters)"
+            )
         return v
+
+
+class VolumesSection(_Section):
+    """``volumes``: how stored series are read as volumes."""
+
+    max_gap_mm: Annotated[float, Field(gt=0)] = DEFAULT_MAX_GAP_MM
 
 
 class RetentionSection(_Section):
@@ -231,6 +245,7 @@ class NodeConfig(_Section):
     worker: WorkerSection = Field(default_factory=WorkerSection)
     fusion: FusionSection = Field(default_factory=FusionSection)
     derive: DeriveSection = Field(default_factory=DeriveSection)
+    volumes: VolumesSection = Field(default_factory=VolumesSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 

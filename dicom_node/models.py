@@ -1,25 +1,57 @@
-"""SQLAlchemy table classes of the index (the only module that defines tables).
+"""SQLAlchemy table classes of the index and the job table (the only module that defines tables).
 
-Schema version 1: patients, studies, series, instances. Patient names live only here (never
-in INFO logs). Later versions add their tables here and a step in :mod:`dicom_node.db`.
+Received data: patients, studies, series, instances (patient names live only here, never in
+INFO logs). Orchestration: series progress, pairing decisions, jobs, job stages, sends and sent
+instances. Schema changes are Alembic revisions in :mod:`dicom_node.migrations`. Times are
+naive UTC. State columns hold the values of the enums in :mod:`dicom_node.states` and read back
+as those enums.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Dialect,
     Float,
     ForeignKey,
     Integer,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from dicom_node.states import JobState, PairingOutcome, SendState, SeriesState
 
 UID = String(64)
+E = TypeVar("E", bound=StrEnum)
+
+
+class EnumText(TypeDecorator[E], Generic[E]):
+    """A state column: stored as its plain string value, read back as the enum member.
+
+    Plain strings (no database enum type, no CHECK constraint) keep the schema the same on
+    SQLite and PostgreSQL and let a new state be added without a migration.
+    """
+
+    impl = String(16)
+    cache_ok = True
+
+    def __init__(self, enum: type[E]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else str(self.enum(value))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 def utcnow() -> datetime:
@@ -29,16 +61,6 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     """Declarative base of every table."""
-
-
-class SchemaVersion(Base):
-    """One row: the schema version the database has been migrated to."""
-
-    __tablename__ = "schema_version"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version: Mapped[int] = mapped_column(Integer)
-    migrated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Patient(Base):
@@ -99,7 +121,9 @@ class Series(Base):
     first_received_at: Mapped[datetime] = mapped_column(DateTime)
     last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     calling_aet: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[SeriesState] = mapped_column(
+        EnumText(SeriesState), default=SeriesState.RECEIVING, index=True
+    )
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     study: Mapped[Study] = relationship(back_populates="series")
@@ -133,18 +157,6 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
-SCHEMA_V1_TABLES = (SchemaVersion, Patient, Study, Series, Instance)
-
-
-# ---------------------------------------------------------------------------------------------
-# Orchestration tables (issue 5: series completion, pairing, jobs, sends).
-# Owned by the orchestration code (pairing.py, jobs.py, dispatch.py, retention.py); appended
-# here so every table class lives in this one module. Times are naive UTC like the rest.
-# ---------------------------------------------------------------------------------------------
-
-from sqlalchemy import Text  # noqa: E402  (kept with the section it serves)
-
-
 class SeriesProgress(Base):
     """Completion bookkeeping of one received series: quiet period passed, revision, content."""
 
@@ -168,7 +180,7 @@ class PairingDecision(Base):
     ct_revision: Mapped[int] = mapped_column(Integer, default=1)
     mr_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
-    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    outcome: Mapped[PairingOutcome] = mapped_column(EnumText(PairingOutcome), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     decided_at: Mapped[datetime] = mapped_column(DateTime)
     window_closes_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -181,7 +193,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    state: Mapped[JobState] = mapped_column(EnumText(JobState), index=True, default=JobState.QUEUED)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
     ct_series_uid: Mapped[str] = mapped_column(String(64), index=True)
@@ -217,7 +229,7 @@ class JobStage(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
-    stage: Mapped[str] = mapped_column(String(16))
+    stage: Mapped[JobState] = mapped_column(EnumText(JobState))
     started_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -236,7 +248,9 @@ class Send(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     kinds: Mapped[str] = mapped_column(String(64), default="")
-    state: Mapped[str] = mapped_column(String(16), index=True, default="pending")
+    state: Mapped[SendState] = mapped_column(
+        EnumText(SendState), index=True, default=SendState.PENDING
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     total: Mapped[int] = mapped_column(Integer, default=0)
     acked: Mapped[int] = mapped_column(Integer, default=0)
@@ -265,6 +279,3 @@ class SentInstance(Base):
     acked_at: Mapped[datetime] = mapped_column(DateTime)
 
     send: Mapped[Send] = relationship(back_populates="acks")
-
-
-SCHEMA_V2_TABLES = (SeriesProgress, PairingDecision, Job, JobStage, Send, SentInstance)

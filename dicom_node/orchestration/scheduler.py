@@ -52,7 +52,7 @@ class NodeScheduler:
 
     def start(self) -> None:
         """Start the tasks (the first scan and recovery run at once)."""
-        cfg = jobs.settings(self.config)
+        cfg = jobs.Settings.from_config(self.config)
         now = datetime.now(UTC)
         add = self._scheduler.add_job
         add(self.scan, "interval", seconds=cfg.scan_interval_seconds, id="scan", next_run_time=now)
@@ -87,9 +87,9 @@ class NodeScheduler:
 
     def reload(self, config: NodeConfig) -> None:
         """Use ``config`` from the next tick on (quiet periods, rules, routing, retention)."""
-        old = jobs.settings(self.config)
+        old = jobs.Settings.from_config(self.config)
         self.config = config
-        new = jobs.settings(config)
+        new = jobs.Settings.from_config(config)
         if new.scan_interval_seconds != old.scan_interval_seconds and self._scheduler.running:
             self._scheduler.reschedule_job(
                 "scan", trigger="interval", seconds=new.scan_interval_seconds
@@ -121,7 +121,9 @@ class NodeScheduler:
         """Requeue jobs of workers whose heartbeat stopped."""
         try:
             jobs.recover_stale(
-                self.sessions, jobs.settings(self.config), local_host=socket.gethostname()
+                self.sessions,
+                jobs.Settings.from_config(self.config),
+                local_host=socket.gethostname(),
             )
         except Exception:
             log.exception("stale job recovery failed")
