@@ -172,8 +172,9 @@ class StorageSCP:
         node = self._config.node
         if node.port is not None:
             self._server = self._listen(node.port, self._handlers())
-        if node.tls is not None:
+        if node.tls is not None and self._tls_source is not None:
             self._tls_server = self._listen(node.tls.port, self._handlers(), tls=True)
+            self._tls_source.start()
         if not node.allowed_calling_aets:
             log.warning("node.allowed_calling_aets is empty: any calling AE may store to this node")
         log.info(
@@ -241,6 +242,8 @@ class StorageSCP:
         """
         servers = self._listeners()
         self._server = self._tls_server = None
+        if self._tls_source is not None:
+            self._tls_source.stop()
         if not servers:
             return True
         for server in servers:
@@ -405,6 +408,7 @@ class StorageSCP:
             return
         stats.calling_aet = calling
         assoc.acse.send_reject(0x01, 0x01, 0x03)
+        assoc.kill()  # as pynetdicom after its own rejections: the RJ is sent, the DUL ends
         stats.outcome = "rejected"  # pynetdicom fires no EVT_REJECTED for this
         log.warning("association from AE %r at %s rejected: %s", calling, stats.peer, reason)
         self._audit_start(stats, accepted=False, reason=reason)

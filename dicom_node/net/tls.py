@@ -19,7 +19,6 @@ import logging
 import re
 import ssl
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ CIPHER_STRING = ":".join(openssl for _iana, openssl in BCP195_ND_CIPHERS)
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
 CONTEXT_CHECK_SECONDS = 1.0
-"""The listener looks at its certificate files' contents at most this often (per connection)."""
+"""How often the listener looks at its certificate files' contents."""
 
 _RFC4514_NAMES = {
     "commonName": "CN",
@@ -292,12 +291,13 @@ def _signature(cfg: TlsServerSection) -> tuple[str | None, ...]:
 class ServerContextSource:
     """The listener's SSL context, rebuilt when its certificate, key or CA files change.
 
-    :meth:`context` is called for every TLS connection; at most every
-    :data:`CONTEXT_CHECK_SECONDS` it compares the files' contents with those it was built
-    from. A changed set is loaded into a new context; if that fails (a key that no longer
-    matches because only the certificate has been replaced so far, a half-written file), the
-    previous context stays in force and the error is logged once for that content. Connections
-    already made keep the context they were made with.
+    A daemon thread (:meth:`start`) compares the files' contents with those of the current
+    context every :data:`CONTEXT_CHECK_SECONDS`. As with the config file, a change counts once
+    the same new content was seen on two consecutive polls (so a file caught half-written is
+    not loaded); it is then loaded into a new context. If that fails (the certificate replaced
+    but not yet its key, say) the previous context stays in force, the error is logged and
+    audited once for that content, and the next change of the files is tried again. New
+    connections use the newest context; connections already made keep theirs.
     """
 
     def __init__(
@@ -308,37 +308,45 @@ class ServerContextSource:
     ) -> None:
         """Build the first context now (a :class:`TlsConfigError` stops the start-up)."""
         self._lock = threading.Lock()
-        self._cfg = cfg
-        self._signature = _signature(cfg)
         self._context = server_context(cfg)
-        self._checked = time.monotonic()
+        self._cfg = self._wanted = cfg
+        self._signature = _signature(cfg)
+        self._pending: tuple[str | None, ...] | None = None
         self._on_change = on_change
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @property
     def config(self) -> TlsServerSection:
         """The settings the current context was built from."""
         return self._cfg
 
-    def update(self, cfg: TlsServerSection) -> bool:
-        """Apply reloaded settings (new paths, CA, client-certificate policy) if they changed."""
-        with self._lock:
-            if cfg == self._cfg:
-                return False
-            return self._rebuild(cfg, _signature(cfg), "settings changed in the config file")
-
     def context(self) -> ssl.SSLContext:
-        """The context for a new connection (rebuilt first if the files changed)."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._checked >= CONTEXT_CHECK_SECONDS:
-                self._checked = now
-                sig = _signature(self._cfg)
-                if sig != self._signature:
-                    self._rebuild(self._cfg, sig, "certificate files changed")
-            return self._context
+        """The context for a new connection."""
+        return self._context
 
-    def _rebuild(self, cfg: TlsServerSection, sig: tuple[str | None, ...], why: str) -> bool:
-        self._signature = sig  # a failed content is not retried until it changes again
+    def update(self, cfg: TlsServerSection) -> bool:
+        """Apply reloaded settings (other files, CA, client-certificate policy) at once."""
+        with self._lock:
+            if cfg == self._wanted:
+                return False
+            self._wanted, self._signature, self._pending = cfg, _signature(cfg), None
+            return self._rebuild(cfg, "settings changed in the config file")
+
+    def poll(self) -> bool:
+        """Look at the files once; True when a new context was built from them."""
+        with self._lock:
+            sig = _signature(self._wanted)
+            if sig == self._signature:
+                self._pending = None
+                return False
+            if sig != self._pending:  # first sight of this content: let the writes settle
+                self._pending = sig
+                return False
+            self._signature, self._pending = sig, None
+            return self._rebuild(self._wanted, "certificate files changed")
+
+    def _rebuild(self, cfg: TlsServerSection, why: str) -> bool:
         try:
             ctx = server_context(cfg)
         except TlsConfigError as exc:
@@ -349,6 +357,27 @@ class ServerContextSource:
         log.info("TLS listener: %s; new connections use %s", why, cfg.certificate)
         self._tell(ContextChange(True, why, _files(cfg)))
         return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(CONTEXT_CHECK_SECONDS):
+            try:
+                self.poll()
+            except Exception:  # never let the watcher die
+                log.exception("TLS certificate watcher poll failed")
+
+    def start(self) -> None:
+        """Start watching the files."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="tls-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching the files."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
 
     def _tell(self, change: ContextChange) -> None:
         if self._on_change is not None:

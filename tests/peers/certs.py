@@ -14,8 +14,9 @@ import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from tests.peers import require_binary
+from tests.peers import free_port, require_binary
 
 KEY_BITS = 2048
 OPENSSL_TIMEOUT = 60
@@ -159,3 +160,25 @@ def make_world(folder: Path) -> TlsWorld:
         other_ca=other,
         stranger=other.issue("intruder", server=False),
     )
+
+
+def node_tls_section(world: TlsWorld, *, port: int | None = None, **extra: Any) -> dict[str, Any]:
+    """A ``node.tls`` config section with the world's node certificate and trusted CA."""
+    return {
+        "port": port or free_port(),
+        "certificate": str(world.node.certificate),
+        "private_key": str(world.node.private_key),
+        "ca_certificates": str(world.ca.certificate),
+        **extra,
+    }
+
+
+def destination_tls_section(world: TlsWorld, **extra: Any) -> dict[str, Any]:
+    """A ``destinations.<NAME>.tls`` section: trust the world's CA, present the node's
+    certificate (it is valid for client authentication too)."""
+    return {
+        "ca_certificates": str(world.ca.certificate),
+        "certificate": str(world.node.certificate),
+        "private_key": str(world.node.private_key),
+        **extra,
+    }

@@ -13,6 +13,12 @@ refuses remote clients). Orthanc's DICOM layer is DCMTK, so it runs with ``TCP_N
 
 The REST helpers use only ``urllib``. Use :attr:`Orthanc.destination` wherever a destination
 (``ae_title``, ``host``, ``port``) is expected.
+
+DICOM TLS: ``Orthanc(workdir, tls=OrthancTls(...))`` turns its DICOM port into a TLS port
+(``DicomTlsEnabled``; Orthanc >= 1.9 uses DCMTK's TLS layer) with the given certificate, key
+and trusted CA certificates, and by default requires a client certificate
+(``DicomTlsRemoteCertificateRequired``). :func:`tls_modality` describes a peer that Orthanc
+itself calls over TLS (``UseDicomTls`` in ``DicomModalities``).
 """
 
 from __future__ import annotations
@@ -60,6 +66,32 @@ def require_orthanc() -> str:
     return ORTHANC_BIN
 
 
+@dataclass(frozen=True)
+class OrthancTls:
+    """DICOM TLS settings of a test Orthanc (PEM files)."""
+
+    certificate: Path
+    private_key: Path
+    trusted_certificates: Path
+    remote_certificate_required: bool = True
+
+    def config(self) -> dict[str, Any]:
+        """The Orthanc configuration entries."""
+        return {
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(self.certificate),
+            "DicomTlsPrivateKey": str(self.private_key),
+            "DicomTlsTrustedCertificates": str(self.trusted_certificates),
+            "DicomTlsRemoteCertificateRequired": self.remote_certificate_required,
+        }
+
+
+def tls_modality(ae_title: str, host: str, port: int) -> dict[str, Any]:
+    """A ``DicomModalities`` entry that Orthanc calls over DICOM TLS (with its own
+    certificate, so it suits a peer that requires client certificates)."""
+    return {"AET": ae_title, "Host": host, "Port": port, "UseDicomTls": True}
+
+
 class OrthancError(RuntimeError):
     """Orthanc did not start, died, or a REST call failed."""
 
@@ -76,6 +108,7 @@ class Orthanc:
         dicom_port: int | None = None,
         config: Mapping[str, Any] | None = None,
         lua: str | None = None,
+        tls: OrthancTls | None = None,
     ) -> None:
         """Prepare (not start) an Orthanc in ``workdir``.
 
@@ -88,7 +121,8 @@ class Orthanc:
         self._pinned_ports = http_port is not None or dicom_port is not None
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
-        self.extra_config = dict(config or {})
+        self.extra_config = {**(tls.config() if tls else {}), **(config or {})}
+        self.tls = tls
         self.lua = lua
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
