@@ -294,6 +294,10 @@ class Orthanc:
         """POST a JSON body to ``path`` and decode the JSON answer."""
         return json.loads(self._request("POST", path, json.dumps(body).encode()))
 
+    def post_bytes(self, path: str, body: bytes) -> Any:
+        """POST raw bytes (e.g. a DICOM file to ``/instances``) and decode the JSON answer."""
+        return json.loads(self._request("POST", path, body))
+
     def delete(self, path: str) -> None:
         """DELETE a resource (e.g. ``/instances/<id>``)."""
         self._request("DELETE", path)
