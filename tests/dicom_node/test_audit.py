@@ -31,7 +31,8 @@ def test_record_format_and_chain(tmp_path: Path) -> None:
     )
     first, second = audit.read_log(trail.log_file)
     assert first["v"] == audit.FORMAT_VERSION and first["event"] == "association-start"
-    assert first["event_id"] == {"code": "110114", "scheme": "DCM", "meaning": "User Authentication"}
+    assert first["event_id"] == audit.USER_AUTHENTICATION.as_json()
+    assert first["event_id"]["code"] == "110114"
     assert first["event_type"] == [{"code": "110122", "scheme": "DCM", "meaning": "Login"}]
     assert first["outcome"] == 0 and second["outcome"] == 4
     assert first["participants"][0] == {

@@ -89,9 +89,7 @@ def _collect_framed(server: socket.socket, out: list[bytes], n: int) -> None:
                 data = rest[int(length) :]
 
 
-def _framed_collector(
-    server: socket.socket, n: int
-) -> tuple[threading.Thread, list[bytes]]:
+def _framed_collector(server: socket.socket, n: int) -> tuple[threading.Thread, list[bytes]]:
     out: list[bytes] = []
     thread = threading.Thread(target=_collect_framed, args=(server, out, n), daemon=True)
     thread.start()

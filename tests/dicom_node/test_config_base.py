@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 
 from dicom_node.config_base import Section, check_ae_title, resolve_path, resolve_paths_in
 
@@ -17,7 +18,7 @@ class Inner(Section):
 
 class Outer(Section):
     inner: Inner
-    many: dict[str, Inner] = {}
+    many: dict[str, Inner] = Field(default_factory=dict)
     top: Path = Path("top")
 
 

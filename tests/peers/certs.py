@@ -162,7 +162,7 @@ def make_world(folder: Path) -> TlsWorld:
     )
 
 
-def node_tls_section(world: TlsWorld, *, port: int | None = None, **extra: Any) -> dict[str, Any]:
+def node_tls_section(world: TlsWorld, *, port: Any = None, **extra: Any) -> dict[str, Any]:
     """A ``node.tls`` config section with the world's node certificate and trusted CA."""
     return {
         "port": port or free_port(),

@@ -89,9 +89,7 @@ def test_tls_failures_name_their_reason(
     with pytest.raises(NetworkError):
         echo(server.destination, calling_aet=NODE_AET, tls=anonymous)
     with pytest.raises(SendError) as err:
-        send_files(
-            server.destination, ct_files[:1], options=SendOptions(NODE_AET, 0, tls=wrong_ca)
-        )
+        send_files(server.destination, ct_files[:1], options=SendOptions(NODE_AET, 0, tls=wrong_ca))
     assert "certificate verify failed" in str(err.value)
     assert server.instances() == []
 

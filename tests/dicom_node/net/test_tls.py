@@ -119,7 +119,7 @@ def test_client_context_verifies_the_server_and_names_the_reason(world: TlsWorld
     unchecked = destination_context(
         DestinationTls(ca_certificates=world.ca.certificate, check_hostname=False)
     )
-    s, c = handshake(server, unchecked, hostname="pacs.example.org")
+    _s, c = handshake(server, unchecked, hostname="pacs.example.org")
     assert isinstance(c, ssl.SSLSocket), c
 
 
