@@ -14,6 +14,7 @@ written first, keeps every record).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -37,6 +38,8 @@ BOM = "\ufeff"
 QUEUE_SIZE = 10_000
 SEND_TIMEOUT = 5.0
 """Seconds to connect to, or send to, the collector."""
+EXIT_FLUSH_SECONDS = 2.0
+"""At interpreter exit, wait this long at most for queued messages."""
 
 
 def format_message(entry: dict[str, Any], hostname: str) -> bytes:
@@ -62,6 +65,7 @@ class SyslogSender:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._warned_full = False
+        atexit.register(self.flush, EXIT_FLUSH_SECONDS)  # a worker or CLI exiting sends first
 
     def send(self, entry: dict[str, Any]) -> None:
         """Queue one record (dropped with a warning when the queue is full)."""

@@ -36,9 +36,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> TlsWorld:
 
 @pytest.fixture(scope="module")
 def tls_node(tmp_path_factory: pytest.TempPathFactory, world: TlsWorld) -> Iterator[NodeProcess]:
-    """A node with a plain and a TLS port (client certificates required)."""
+    """A node with a plain and a TLS port (client certificates required), an allow-list, and
+    CT_SIM bound to the ct-sim certificate."""
     workdir = tmp_path_factory.mktemp("tls-node")
-    node = start_node(workdir, node_config(workdir, node={"tls": node_tls_section(world)}))
+    tls = node_tls_section(world, calling_aet_subjects={"CT_SIM": ["ct-sim"]})
+    allowed = ["CT_SIM", "MODALITY"]
+    node = start_node(
+        workdir, node_config(workdir, node={"tls": tls, "allowed_calling_aets": allowed})
+    )
     yield node
     assert node.stop() == 0, node.log_tail()
 
@@ -295,3 +300,21 @@ def test_untrusted_node_certificate_fails_the_start(tmp_path: Path, world: TlsWo
     node = start_node(tmp_path, node_config(tmp_path, node={"tls": tls}), wait_for_port=False)
     assert node.proc.wait(60) == 78, node.log()
     assert "does not belong to certificate" in node.log()
+
+
+def test_allow_list_and_bound_titles_on_the_plain_port(tls_node: NodeProcess) -> None:
+    """The allow-list applies on both ports; a title bound to a certificate must use TLS."""
+    assert tls_node.echoscu(calling="MODALITY").returncode == 0
+    unknown = tls_node.echoscu(calling="EVIL")
+    assert unknown.returncode != 0
+    rejected = wait_event(tls_node, "association-start", lambda r: caller(r)["user_id"] == "EVIL")
+    assert rejected["outcome"] == 4 and "node.allowed_calling_aets" in rejected["outcome_text"]
+    assert rejected["detail"]["listener"] == "plain"
+    spoof = tls_node.echoscu(calling="CT_SIM")
+    assert spoof.returncode != 0 and "Association Rejected" in spoof.stdout + spoof.stderr
+    bound = wait_event(
+        tls_node,
+        "association-start",
+        lambda r: caller(r)["user_id"] == "CT_SIM" and r["detail"]["listener"] == "plain",
+    )
+    assert "must use TLS" in bound["outcome_text"]
