@@ -29,7 +29,9 @@ from pynetdicom import AE, evt
 
 from dicom_node import audit
 from dicom_node.config import NodeConfig
+from dicom_node.config_security import TlsServerSection
 from dicom_node.errors import STATUS_PROCESSING_FAILURE, NetworkError, NodeError
+from dicom_node.net.certs import check_server_files
 from dicom_node.net.tls import (
     PROFILE_NAME,
     ContextChange,
@@ -39,7 +41,7 @@ from dicom_node.net.tls import (
     tls_peer,
 )
 from dicom_node.net.tls_listener import start_tls_server
-from dicom_node.states import Listener
+from dicom_node.states import CheckSeverity, Listener
 from dicom_node.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -376,7 +378,9 @@ class StorageSCP:
     def _make_tls_source(self, config: NodeConfig) -> ServerContextSource | None:
         if config.node.tls is None:
             return None
-        return ServerContextSource(config.node.tls, on_change=self._on_certificate_change)
+        source = ServerContextSource(config.node.tls, on_change=self._on_certificate_change)
+        _log_certificate_findings(config.node.tls)
+        return source
 
     def _note_tls(self, assoc: Any, stats: _AssocStats) -> None:
         sock = getattr(getattr(assoc, "dul", None), "socket", None)
@@ -421,6 +425,8 @@ class StorageSCP:
     def _on_certificate_change(self, change: ContextChange) -> None:
         trail = audit.trail(self._config)
         trail.certificate_change(applied=change.applied, reason=change.reason, files=change.files)
+        if change.applied and self._tls_source is not None:
+            _log_certificate_findings(self._tls_source.config)
 
     # -- audit records of associations (issue #12) ------------------------------------------
     def _calling(self, stats: _AssocStats) -> audit.Participant:
@@ -448,6 +454,13 @@ class StorageSCP:
             failed=stats.failed,
             listener=stats.listener,
         )
+
+
+def _log_certificate_findings(cfg: TlsServerSection) -> None:
+    """Warn about what ``config check`` would warn about (expiry within 30 days, ...)."""
+    for finding in check_server_files(cfg):
+        if finding.severity != CheckSeverity.OK:
+            log.warning("TLS %s: %s", finding.where, finding.message)
 
 
 _REJECT_REASONS: dict[tuple[int, int, int], str] = {

@@ -13,6 +13,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +319,16 @@ def test_allow_list_and_bound_titles_on_the_plain_port(tls_node: NodeProcess) ->
         lambda r: caller(r)["user_id"] == "CT_SIM" and r["detail"]["listener"] == "plain",
     )
     assert "must use TLS" in bound["outcome_text"]
+
+
+def test_soon_expiring_certificate_is_warned_at_start(tmp_path: Path, world: TlsWorld) -> None:
+    soon = world.ca.issue("short-lived", not_after=datetime.now(UTC) + timedelta(days=10))
+    tls = node_tls_section(
+        world, certificate=str(soon.certificate), private_key=str(soon.private_key)
+    )
+    node = start_node(tmp_path, node_config(tmp_path, node={"tls": tls}))
+    try:
+        assert "TLS node.tls.certificate: certificate" in node.log()
+        assert "expires in 9 days" in node.log()
+    finally:
+        assert node.stop() == 0, node.log_tail()
