@@ -201,13 +201,14 @@ def _identifier(level: str, keys: Mapping[str, str]) -> Dataset:
 
 
 UNABLE_TO_PROCESS = range(0xC000, 0xD000)
-"""0xCxxx "unable to process": some PACS (Orthanc) answer an unknown move destination so."""
+"""0xCxxx "unable to process": Orthanc answers so for an unknown move destination, and for a
+C-MOVE or C-GET in which a sub-operation failed."""
 
 
 def status_meaning(code: int) -> str:
     """A C-FIND/C-MOVE/C-GET status in words ('' when not known)."""
     if code in UNABLE_TO_PROCESS:
-        return "unable to process (for a C-MOVE often: destination AE unknown to the PACS)"
+        return "unable to process"
     return STATUS_MEANINGS.get(code, "")
 
 

@@ -435,6 +435,11 @@ def _retrieve(
             f"{how} of {describe(cand)}: {answer}; {stored} of {row.expected or '?'} "
             f"instances stored: {row.state}"
         )
+        if stored == 0 and result is not None and config.prefetch.method == PrefetchMethod.MOVE:
+            detail += (
+                f" (is AE {config.node.ae_title} with this node's host and port "
+                f"{config.node.port} a move destination in the PACS?)"
+            )
         _event(session, run, PrefetchEventKind.RETRIEVE, detail, uid)
         session.commit()
     return complete, detail

@@ -46,9 +46,14 @@ def pacs_destination(pacs: Orthanc) -> dict[str, Any]:
 
 
 def prefetch_setup(
-    root: Path, orthanc_factory: Callable[..., Orthanc], **prefetch: Any
+    root: Path,
+    orthanc_factory: Callable[..., Orthanc],
+    sections: dict[str, Any] | None = None,
+    **prefetch: Any,
 ) -> PrefetchSetup:
-    """A PACS knowing the node, and a node index whose ``prefetch`` uses it (+ ``prefetch``)."""
+    """A PACS knowing the node, and a node index whose ``prefetch`` uses it (keys of
+    ``prefetch`` added; other config ``sections`` replace the fast test config's)."""
+    root.mkdir(parents=True, exist_ok=True)
     node_port = free_port()
     pacs = pacs_knowing_node(orthanc_factory, node_port)
     node = make_indexed_node(
@@ -56,6 +61,7 @@ def prefetch_setup(
         node={"port": node_port},
         destinations={PACS: pacs_destination(pacs)},
         prefetch={"enabled": True, "source": PACS, "method": "move", **prefetch},
+        **(sections or {}),
     )
     return PrefetchSetup(node, pacs, node_port)
 
