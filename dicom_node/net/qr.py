@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicom_node.errors import STATUS_PROCESSING_FAILURE, NodeError, QueryRetrieveError
-from dicom_node.net.scp import MAX_PDU_SIZE, STORAGE_PREFERENCE
+from dicom_node.net.scp import MAX_PDU_SIZE, STORAGE_PREFERENCE, UNCOMPRESSED
 from dicom_node.net.scu import DestinationLike, describe
 from dicom_node.storage.store import Store
 
@@ -48,6 +48,8 @@ MOVE_MODEL = str(StudyRootQueryRetrieveInformationModelMove)
 GET_MODEL = str(StudyRootQueryRetrieveInformationModelGet)
 QR_SOP_CLASSES: tuple[str, ...] = (FIND_MODEL, MOVE_MODEL, GET_MODEL)
 """The SOP classes this SCU uses (for the conformance statement)."""
+QR_TRANSFER_SYNTAXES: tuple[str, ...] = UNCOMPRESSED[:2]
+"""Proposed for the Query/Retrieve contexts: Explicit and Implicit VR Little Endian."""
 
 STATUS_SUCCESS = 0x0000
 STATUS_PENDING = frozenset({0xFF00, 0xFF01})
@@ -226,8 +228,9 @@ class QueryAssociation:
     def __init__(self, peer: DestinationLike, options: QROptions) -> None:
         """Associate with ``peer`` (raises :class:`QueryRetrieveError` when that fails)."""
         self.peer = peer
+        self.calling_aet = options.calling_aet
         ae = _make_ae(options)
-        ae.add_requested_context(FIND_MODEL)
+        ae.add_requested_context(FIND_MODEL, list(QR_TRANSFER_SYNTAXES))
         self._assoc = _associate(ae, peer, "C-FIND")
         self._msg_id = 0
 
@@ -251,7 +254,8 @@ class QueryAssociation:
         for status, identifier in responses:
             if not status:
                 raise QueryRetrieveError(
-                    f"C-FIND {describe(self.peer)}: no answer (timeout or abort)"
+                    f"C-FIND {describe(self.peer)}: no answer (timeout, or the PACS aborted: "
+                    f"does it allow AE {self.calling_aet} to query?)"
                 )
             code = int(status.Status)
             if code in STATUS_PENDING:
@@ -327,7 +331,7 @@ def move_series(
 ) -> RetrieveResult:
     """C-MOVE one series from ``peer`` to ``destination_aet`` (the node's own AE title)."""
     ae = _make_ae(options)
-    ae.add_requested_context(MOVE_MODEL)
+    ae.add_requested_context(MOVE_MODEL, list(QR_TRANSFER_SYNTAXES))
     assoc = _associate(ae, peer, "C-MOVE")
     try:
         responses = assoc.send_c_move(
@@ -385,7 +389,7 @@ def get_series(
     class cannot be sent back and count as failed sub-operations at the PACS.
     """
     ae = _make_ae(options)
-    ae.add_requested_context(GET_MODEL)
+    ae.add_requested_context(GET_MODEL, list(QR_TRANSFER_SYNTAXES))
     for sop_class in sop_classes:
         ae.add_requested_context(sop_class, list(STORAGE_PREFERENCE))
     roles = [build_role(sop_class, scp_role=True) for sop_class in sop_classes]

@@ -141,7 +141,7 @@ def _retry_or_fail(
         jobs = config.jobs
         delay = backoff_seconds(run.attempt, jobs.retry_backoff_seconds, jobs.max_backoff_seconds)
         state, retry_at = PrefetchState.RETRY, utcnow() + timedelta(seconds=delay)
-        reason = f"attempt {run.attempt} failed, next in {delay:.0f} s: {reason}"
+        reason = f"attempt {run.attempt} failed, next in {delay:g} s: {reason}"
     with sessions() as session:
         _finish(session, run, state, reason, retry_at=retry_at)
         session.commit()
@@ -378,20 +378,26 @@ def _call_retrieve(
     config: NodeConfig, peer: Destination, cand: Candidate, store: Store | None, beat: _Heartbeat
 ) -> qr.RetrieveResult:
     options = qr.QROptions(config.node.ae_title, config.node.network_timeout_seconds)
-    uids = {"study_uid": cand.info.study_uid, "series_uid": cand.info.series_uid}
+    study_uid, series_uid = cand.info.study_uid, cand.info.series_uid
     if config.prefetch.method == PrefetchMethod.MOVE:
         return qr.move_series(
-            peer, destination_aet=config.node.ae_title, options=options, progress=beat, **uids
+            peer,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            destination_aet=config.node.ae_title,
+            options=options,
+            progress=beat,
         )
     if store is None:
         raise QueryRetrieveError("C-GET needs the node's store (run inside dicom-node serve)")
     return qr.get_series(
         peer,
+        study_uid=study_uid,
+        series_uid=series_uid,
         store=store,
         sop_classes=MR_STORAGE_SOP_CLASSES,
         options=options,
         progress=beat,
-        **uids,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -53,7 +54,7 @@ def make_setup(
     require_small_fixtures()
     made: list[PrefetchSetup] = []
 
-    def make(**settings: object) -> PrefetchSetup:
+    def make(**settings: Any) -> PrefetchSetup:
         setup = prefetch_setup(tmp_path / f"node{len(made)}", orthanc_factory, **settings)
         made.append(setup)
         return setup
@@ -172,6 +173,23 @@ def test_pacs_down_is_retried_with_backoff(make_setup: Callable[..., PrefetchSet
             what="retrieval once the PACS is back",
         )
     assert _series_in_index(setup)[MR_SERIES] == N_MR
+
+
+def test_pacs_not_knowing_the_node_says_so(make_setup: Callable[..., PrefetchSetup]) -> None:
+    """A PACS without the node as move destination: the attempt fails with the hint."""
+    setup = make_setup()
+    setup.pacs.upload_folder(SMALL_MR)
+    setup.pacs.modalities = {}
+    setup.pacs.extra_config["DicomAlwaysAllowFind"] = True  # it answers queries, though
+    setup.pacs.restart()
+    _waiting_ct(setup)
+    prefetch.request_for_waiting(setup.node.sessions, setup.node.config)
+    with listening(setup.node):
+        _run(setup)
+    (row,) = prefetches(setup.node)
+    assert row.state == PrefetchState.RETRY
+    assert "a move destination in the PACS?" in row.reason, row.reason
+    assert row.retrievals[0].state == RetrievalState.FAILED
 
 
 def test_gives_up_after_max_attempts(make_setup: Callable[..., PrefetchSetup]) -> None:

@@ -88,7 +88,7 @@ def test_candidate_from_a_series_match() -> None:
 
 
 def _node(tmp_path: Path, **sections: object) -> IndexedNode:
-    return make_indexed_node(tmp_path, **sections)  # type: ignore[arg-type]
+    return make_indexed_node(tmp_path, **sections)
 
 
 def test_rank_excludes_own_derived_tiny_and_far_series(tmp_path: Path) -> None:
