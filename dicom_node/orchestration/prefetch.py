@@ -44,14 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.errors import QueryRetrieveError, UsageError
-from dicom_node.models import (
-    Prefetch,
-    PrefetchEvent,
-    Retrieval,
-    Series,
-    SeriesProgress,
-    utcnow,
-)
+from dicom_node.models import Prefetch, PrefetchEvent, Retrieval, utcnow
 from dicom_node.net import qr
 from dicom_node.orchestration import pairing
 from dicom_node.orchestration.jobs import backoff_seconds
@@ -72,7 +65,6 @@ from dicom_node.states import (
     PrefetchState,
     PrefetchTrigger,
     RetrievalState,
-    SeriesState,
 )
 from dicom_node.storage.store import Store
 
@@ -451,22 +443,32 @@ def _retrieve(
     return complete, detail
 
 
-def _pair_now(session: Session, config: NodeConfig, ct_uid: str, mr_uids: list[str]) -> None:
-    """Pair the CT at once when every retrieved series already completed (quiet period passed
-    before its retrieval was recorded complete); otherwise the completion scan pairs it."""
-    ct = pairing.series_info(session, ct_uid)
-    latest = pairing.latest_decision(session, ct_uid)
-    if ct is None or latest is None or latest.outcome != PairingOutcome.WAITING:
-        return
-    for uid in mr_uids:
-        row = session.execute(
-            select(Series.state, Series.last_received_at, SeriesProgress.last_received_at)
-            .join(SeriesProgress, SeriesProgress.series_uid == Series.series_instance_uid)
-            .where(Series.series_instance_uid == uid)
-        ).first()
-        if row is None or row[0] != SeriesState.COMPLETE or row[1] != row[2]:
-            return
-    pairing.pair_ct(session, config, ct, utcnow())
+def pair_retrieved(
+    sessions: sessionmaker[Session], config: NodeConfig, since: datetime | None
+) -> list[int]:
+    """Pair the waiting CTs whose prefetch ended ``retrieved`` since ``since`` (all when None).
+
+    Normally the retrieved MR completes after its retrieval was recorded complete and the
+    completion scan pairs it; this covers the other order (the PACS paused longer than the quiet
+    period before its final answer). The scheduler calls it in the scan's thread, so pairing
+    never runs twice at once; :func:`~.pairing.pair_ct` is idempotent. Returns new job ids.
+    """
+    now = utcnow()
+    made: list[int] = []
+    with sessions() as session:
+        query = select(Prefetch).where(Prefetch.state == PrefetchState.RETRIEVED)
+        if since is not None:
+            query = query.where(Prefetch.finished_at >= since)
+        for row in session.scalars(query).all():
+            latest = pairing.latest_decision(session, row.ct_series_uid)
+            ct = pairing.series_info(session, row.ct_series_uid)
+            if latest is None or latest.outcome != PairingOutcome.WAITING or ct is None:
+                continue
+            decision = pairing.pair_ct(session, config, ct, now)
+            if decision.job_id is not None and decision.outcome == PairingOutcome.PAIRED:
+                made.append(decision.job_id)
+        session.commit()
+    return made
 
 
 # --------------------------------------------------------------------------- running
@@ -519,7 +521,6 @@ def _query_and_retrieve(
             "received MR once it is complete"
         )
         _finish(session, run, PrefetchState.RETRIEVED, reason, retry_at=None)
-        _pair_now(session, config, ct.series_uid, uids)
         session.commit()
     return PrefetchState.RETRIEVED
 

@@ -13,12 +13,13 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
+from dicom_node.models import utcnow
 from dicom_node.orchestration import dispatch, jobs, pairing, prefetch
 from dicom_node.storage import retention
 from dicom_node.storage.store import Store
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 SEND_RETRY_INTERVAL = 1.0
 SUPERVISE_INTERVAL = 2.0
 RETENTION_INTERVAL = 3600.0
+PREFETCH_RECHECK_MARGIN = timedelta(minutes=1)
+"""How far back each scan looks again for prefetches that ended "retrieved" (commits that
+landed while the previous scan was reading)."""
 
 
 class NodeScheduler:
@@ -48,6 +52,7 @@ class NodeScheduler:
         self._supervise = supervise
         self._store = store
         self._sweep_prefetch = True
+        self._retrieved_since: datetime | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:scheduler"
         # apscheduler logs every run at INFO: keep it to warnings
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
@@ -119,14 +124,19 @@ class NodeScheduler:
                 len(result.completed),
                 ", ".join(str(j) for j in result.jobs),
             )
+        self._prefetch_hooks(result.waiting)
+
+    def _prefetch_hooks(self, waiting: list[str]) -> None:
+        """After pairing: request prefetches for CTs that wait, pair CTs whose MR arrived."""
         sweep, self._sweep_prefetch = self._sweep_prefetch, False
+        started = utcnow()
         try:
-            prefetch.request_for_waiting(
-                self.sessions, self.config, None if sweep else result.waiting
-            )
+            prefetch.request_for_waiting(self.sessions, self.config, None if sweep else waiting)
+            prefetch.pair_retrieved(self.sessions, self.config, self._retrieved_since)
+            self._retrieved_since = started - PREFETCH_RECHECK_MARGIN
         except Exception:
             self._sweep_prefetch = sweep
-            log.exception("prefetch request failed")
+            log.exception("prefetch request/pairing failed")
 
     def run_prefetch(self) -> None:
         """Query the PACS for waiting CTs' MRs and retrieve them (:mod:`.prefetch`)."""

@@ -343,3 +343,39 @@ def test_disabled_prefetch_requests_nothing(make_setup: Callable[..., PrefetchSe
         assert s.scalars(select(Prefetch)).all() == []
     latest = _waiting(node)[0]
     assert latest.outcome == PairingOutcome.WAITING
+
+
+def test_mr_complete_before_its_retrieval_is_paired_after(
+    make_setup: Callable[..., PrefetchSetup],
+) -> None:
+    """The retrieved MR completes (quiet period) while its retrieval is still open: pairing holds
+    it; once the retrieval is recorded complete, pair_retrieved pairs the CT."""
+    setup = make_setup()
+    _waiting_ct(setup)
+    node = setup.node
+    (pid,) = prefetch.request_for_waiting(node.sessions, node.config)
+    with node.sessions() as s:
+        s.add(
+            Retrieval(
+                prefetch_id=pid,
+                series_uid=MR_SERIES,
+                study_uid=first_uid(SMALL_MR, "StudyInstanceUID"),
+                state=RetrievalState.RETRIEVING,
+                expected=N_MR,
+                started_at=utcnow(),
+            )
+        )
+        s.commit()
+    node.ingest(SMALL_MR, aet="ORTHANC")  # what the C-MOVE brings
+    pairing.scan(node.sessions, node.config, now=later())
+    assert all_jobs(node) == []  # held: the retrieval is not complete yet
+    assert prefetch.pair_retrieved(node.sessions, node.config, None) == []
+    with node.sessions() as s:
+        s.execute(update(Retrieval).values(state=RetrievalState.COMPLETE, completed=N_MR))
+        s.execute(update(Prefetch).values(state=PrefetchState.RETRIEVED, finished_at=utcnow()))
+        s.commit()
+    assert prefetch.pair_retrieved(node.sessions, node.config, utcnow() + timedelta(1)) == []
+    (job_id,) = prefetch.pair_retrieved(node.sessions, node.config, None)
+    (job,) = all_jobs(node)
+    assert job.id == job_id and job.mr_series_uid == MR_SERIES
+    assert prefetch.pair_retrieved(node.sessions, node.config, None) == []  # idempotent
