@@ -14,26 +14,29 @@ subscribers of :class:`ConfigWatcher`; nothing mutates a config in place.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import os
 import re
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
-    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from dicom_node.config_base import AETitle, Port, check_ae_title, resolve_paths_in
+from dicom_node.config_base import Section as _Section
+from dicom_node.config_security import AuditSection, DestinationTls, TlsServerSection
 from dicom_node.errors import ConfigError
 from dicom_node.states import ALL_DERIVED_KINDS, DerivedKind, PrefetchMethod
 from fusion_engine.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
@@ -52,29 +55,8 @@ so derived UIDs stay unique (see :func:`dicom_node.imaging.derive.derive_uid`)."
 DEFAULT_MAX_GAP_MM = 10.0
 """Widest gap between stored slices of a series that is still read as one volume."""
 
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _DEST_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-
-
-def _check_ae_title(value: str) -> str:
-    """Validate a DICOM AE title (1-16 printable ASCII characters, no backslash)."""
-    stripped = value.strip()
-    if not stripped or not _AE_RE.match(value):
-        raise ValueError(
-            f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
-        )
-    return stripped
-
-
-AETitle = Annotated[str, StringConstraints(min_length=1, max_length=16)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-
-
-class _Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class NodeSection(_Section):
@@ -82,7 +64,8 @@ class NodeSection(_Section):
 
     ae_title: AETitle = "FUSIONNODE"
     host: str = "0.0.0.0"
-    port: Port = 11112
+    port: Port | None = 11112
+    tls: TlsServerSection | None = None
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
@@ -91,12 +74,20 @@ class NodeSection(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return _check_ae_title(v)
+        return check_ae_title(v)
 
     @field_validator("allowed_calling_aets")
     @classmethod
     def _aets(cls, v: list[str]) -> list[str]:
-        return [_check_ae_title(x) for x in v]
+        return [check_ae_title(x) for x in v]
+
+    @model_validator(mode="after")
+    def _listens(self) -> NodeSection:
+        if self.port is None and self.tls is None:
+            raise ValueError("port is null and tls is not set: the node would not listen at all")
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"tls.port {self.port} is also the plain port")
+        return self
 
 
 class StorageSection(_Section):
@@ -119,11 +110,12 @@ class Destination(_Section):
     host: str
     port: Port
     send: list[DerivedKind] = Field(default_factory=lambda: list(ALL_DERIVED_KINDS))
+    tls: DestinationTls | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return _check_ae_title(v)
+        return check_ae_title(v)
 
 
 class RoutingSection(_Section):
@@ -264,6 +256,7 @@ class NodeConfig(_Section):
     retention: RetentionSection = Field(default_factory=RetentionSection)
     prefetch: PrefetchSection = Field(default_factory=PrefetchSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    audit: AuditSection = Field(default_factory=AuditSection)
 
     @field_validator("destinations")
     @classmethod
@@ -325,6 +318,10 @@ def _resolve_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
             "storage": storage,
             "database": cfg.database.model_copy(update={"url": url}),
             "logging": cfg.logging.model_copy(update={"file": log_file}),
+            # certificate, key and audit files: relative to the config file's folder too
+            "node": resolve_paths_in(cfg.node, base),
+            "destinations": {n: resolve_paths_in(d, base) for n, d in cfg.destinations.items()},
+            "audit": resolve_paths_in(cfg.audit, base),
         }
     )
 
@@ -440,10 +437,40 @@ def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
     ):
         if getattr(getattr(old, section), field) != getattr(getattr(new, section), field):
             keys.append(f"{section}.{field}")
+    old_tls, new_tls = old.node.tls, new.node.tls
+    if (old_tls and old_tls.port) != (new_tls and new_tls.port):
+        keys.append("node.tls.port")  # opening or closing the TLS listener too
     return keys
 
 
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs (or their JSON dumps)."""
+    if isinstance(old, BaseModel) and isinstance(new, BaseModel):
+        return changed_keys(old.model_dump(mode="json"), new.model_dump(mode="json"), prefix)
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix or "(top level)"]
+    keys: list[str] = []
+    for key in sorted(set(old) | set(new), key=str):
+        keys.extend(changed_keys(old.get(key), new.get(key), f"{prefix}{key}."))
+    return [k.rstrip(".") for k in keys]
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """One reload of the config file, applied or rejected (what the audit trail records)."""
+
+    path: Path
+    applied: bool
+    keys: list[str] = dataclasses.field(default_factory=list)
+    """Dotted keys that changed (applied changes only)."""
+    error: str | None = None
+    """Why the new content was rejected."""
+    sha256: str | None = None
+    """Digest of the file content that was applied or rejected."""
+
+
 Subscriber = Callable[[NodeConfig], None]
+ChangeListener = Callable[[ConfigChange], None]
 
 
 class ConfigWatcher:
@@ -473,6 +500,7 @@ class ConfigWatcher:
         self._signature = self._file_signature()
         self._pending: str | None = None
         self._subscribers: list[Subscriber] = []
+        self._listeners: list[ChangeListener] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -485,6 +513,17 @@ class ConfigWatcher:
     def subscribe(self, callback: Subscriber) -> None:
         """Call ``callback(new_config)`` after every successful reload."""
         self._subscribers.append(callback)
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call ``listener(change)`` for every reload, applied or rejected (audit trail)."""
+        self._listeners.append(listener)
+
+    def _tell(self, change: ConfigChange) -> None:
+        for listener in self._listeners:
+            try:
+                listener(change)
+            except Exception:
+                log.exception("config change listener %r failed", listener)
 
     def _file_signature(self) -> str | None:
         try:
@@ -506,13 +545,16 @@ class ConfigWatcher:
             self._signature = sig
             if sig is None:
                 log.error("config file %s disappeared; keeping the last good config", self.path)
+                self._tell(ConfigChange(self.path, applied=False, error="file disappeared"))
                 return False
             try:
                 new = read_config_file(self.path, self._overrides)
             except ConfigError as exc:
                 log.error("config reload rejected, keeping the last good config:\n%s", exc)
+                self._tell(ConfigChange(self.path, applied=False, error=str(exc), sha256=sig))
                 return False
             old, self._current = self._current, new
+            self._tell(ConfigChange(self.path, True, changed_keys(old, new), sha256=sig))
             for key in restart_needed(old, new):
                 log.warning("config %s changed in %s: takes effect after a restart", key, self.path)
             log.info("config reloaded from %s", self.path)

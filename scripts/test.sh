@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools; do
+for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools openssl:openssl; do
   bin=${pair%%:*}; pkg=${pair##*:}
   if [ ! -x "/usr/bin/$bin" ] && [ ! -x "/usr/sbin/$bin" ]; then need_apt+=("$pkg"); fi
 done

@@ -12,8 +12,9 @@ from typing import Any
 
 import pydicom.config
 
+from dicom_node import audit
 from dicom_node.cli.common import load
-from dicom_node.config import ConfigWatcher, NodeConfig
+from dicom_node.config import ConfigChange, ConfigWatcher, NodeConfig
 from dicom_node.errors import EXIT_OK
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     node.start()
+    audit.trail(cfg).application(True, ae_title=cfg.node.ae_title, what="serve")
     watcher = ConfigWatcher(path, cfg, overrides=overrides)
     watcher.subscribe(node.reload)
+    watcher.on_change(lambda change: _audit_config_change(watcher.current, change))
     watcher.start()
     try:
         while not stop.wait(MAIN_LOOP_TICK):
@@ -78,8 +81,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         watcher.stop()
         clean = node.stop()
+        final = watcher.current
+        audit.trail(final).application(False, ae_title=final.node.ae_title, what="serve")
+        audit.flush_all()
     log.info("node stopped%s", "" if clean else " (some associations were aborted)")
     return EXIT_OK
+
+
+def _audit_config_change(current: NodeConfig, change: ConfigChange) -> None:
+    """The audit record of a reload, in the trail of the config now in force."""
+    audit.trail(current).config_change(change, ae_title=current.node.ae_title)
 
 
 class _Node:

@@ -39,6 +39,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicom_node.errors import STATUS_PROCESSING_FAILURE, NodeError, QueryRetrieveError
 from dicom_node.net.scp import MAX_PDU_SIZE, STORAGE_PREFERENCE, UNCOMPRESSED
 from dicom_node.net.scu import DestinationLike, describe
+from dicom_node.net.tls import destination_context
 from dicom_node.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -174,14 +175,19 @@ def _associate(
     ae: AE, peer: DestinationLike, what: str, handlers: list[Any] | None = None, **kwargs: Any
 ) -> Association:
     connected = _Connected()
+    tls = getattr(peer, "tls", None)  # a configured destination's DICOM TLS settings (#12)
+    ctx = destination_context(tls) if tls is not None else None
     assoc = ae.associate(
         peer.host,
         peer.port,
         ae_title=peer.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, connected.on_open), *(handlers or [])],
+        tls_args=(ctx, peer.host) if ctx is not None else None,
         **kwargs,
     )
     if not assoc.is_established:
+        if ctx is not None and ctx.handshake_error and not connected.yes:
+            raise QueryRetrieveError(f"{what} {describe(peer)}: TLS: {ctx.handshake_error}")
         raise _not_established(assoc, peer, what, connected.yes)
     return assoc
 

@@ -71,6 +71,9 @@ class StoredInstance:
     size: int
     sha256: str
     duplicate: bool
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    """The patient, for the audit trail (which keeps only a keyed hash of it)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class _Received:
             size,
             self.digest,
             duplicate=duplicate,
+            patient_id=h.patient.patient_id,
+            issuer_of_patient_id=h.patient.issuer,
         )
 
 
