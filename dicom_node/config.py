@@ -49,6 +49,11 @@ MAX_UID_ROOT_LENGTH = 32
 """Longest ``derive.uid_root``: leaves at least 31 decimal digits of hash in a 64-character UID,
 so derived UIDs stay unique (see :func:`dicom_node.imaging.derive.derive_uid`)."""
 
+DEFAULT_HTTP_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8080
+PASSWORD_FILE = Path("console") / "users.json"
+"""Admin console password hashes, below ``storage.root`` unless ``http.password_file`` says."""
+
 DEFAULT_MAX_GAP_MM = 10.0
 """Widest gap between stored slices of a series that is still read as one volume."""
 
@@ -225,6 +230,20 @@ class RetentionSection(_Section):
     days: Annotated[int, Field(ge=1)] = 30
 
 
+class HttpSection(_Section):
+    """``http``: the admin console (web pages, REST API, /metrics, /healthz, /readyz).
+
+    Served by ``dicom-node serve`` in its own process when this section is present. The default
+    host is the loopback interface: the console is reachable from other machines only when an
+    admin says so (or through a reverse proxy that adds TLS).
+    """
+
+    host: str = DEFAULT_HTTP_HOST
+    port: Port = DEFAULT_HTTP_PORT
+    password_file: Path | None = None
+    session_idle_minutes: Annotated[float, Field(gt=0)] = 30.0
+
+
 class LoggingSection(_Section):
     """``logging``: level and optional log file."""
 
@@ -248,6 +267,7 @@ class NodeConfig(_Section):
     volumes: VolumesSection = Field(default_factory=VolumesSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    http: HttpSection | None = None
 
     @field_validator("destinations")
     @classmethod
@@ -274,6 +294,13 @@ class NodeConfig(_Section):
             return self.database.url
         return f"sqlite:///{self.storage.root / DB_FILENAME}"
 
+    @property
+    def password_file(self) -> Path:
+        """The admin console's password file (``http.password_file``, else under storage)."""
+        if self.http is not None and self.http.password_file is not None:
+            return self.http.password_file
+        return self.storage.root / PASSWORD_FILE
+
 
 def _resolve_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
     """Make every path absolute against ``base`` and fill ``database.url``."""
@@ -292,11 +319,16 @@ def _resolve_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
     log_file = cfg.logging.file
     if log_file is not None and not log_file.expanduser().is_absolute():
         log_file = Path(os.path.normpath(base / log_file))
+    http = cfg.http
+    if http is not None and http.password_file is not None:
+        pw = http.password_file.expanduser()
+        http = http.model_copy(update={"password_file": pw if pw.is_absolute() else base / pw})
     return cfg.model_copy(
         update={
             "storage": storage,
             "database": cfg.database.model_copy(update={"url": url}),
             "logging": cfg.logging.model_copy(update={"file": log_file}),
+            "http": http,
         }
     )
 
@@ -412,6 +444,8 @@ def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
     ):
         if getattr(getattr(old, section), field) != getattr(getattr(new, section), field):
             keys.append(f"{section}.{field}")
+    if old.http != new.http:
+        keys.append("http")
     return keys
 
 

@@ -22,8 +22,10 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 
+from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.errors import STATUS_PROCESSING_FAILURE, NetworkError, NodeError
+from dicom_node.states import AssociationResult, StoreResult
 from dicom_node.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,7 @@ class StorageSCP:
         if outcome in ("accepted", "rejected"):
             stats.calling_aet = str(event.assoc.requestor.ae_title).strip()
         if outcome == "rejected":
+            metrics.association_ended(AssociationResult.REJECTED)
             log.warning(
                 "association from AE %r at %s rejected (calling AE not allowed or too many "
                 "associations)",
@@ -249,6 +252,10 @@ class StorageSCP:
                 queue.put(None)
             return
         outcome = "released" if stats.outcome == "accepted" else stats.outcome
+        released = outcome == AssociationResult.RELEASED
+        metrics.association_ended(
+            AssociationResult.RELEASED if released else AssociationResult.ABORTED
+        )
         level = logging.INFO if outcome == "released" and not stats.failed else logging.WARNING
         log.log(
             level,
@@ -269,6 +276,7 @@ class StorageSCP:
 
     def _on_store(self, event: Any) -> int:
         stats = self._stats_for(event.assoc)
+        t0 = time.perf_counter()
         try:
             encoded = event.encoded_dataset(include_meta=True)
             stored = self._store.store_encoded(
@@ -276,6 +284,7 @@ class StorageSCP:
             )
         except NodeError as exc:
             stats.failed += 1
+            metrics.instance_received(StoreResult.FAILED, time.perf_counter() - t0)
             log.warning(
                 "C-STORE from AE %r at %s failed with status 0x%04X: %s",
                 stats.calling_aet,
@@ -286,10 +295,13 @@ class StorageSCP:
             return exc.status
         except Exception:
             stats.failed += 1
+            metrics.instance_received(StoreResult.FAILED, time.perf_counter() - t0)
             log.exception(
                 "C-STORE from AE %r at %s: unexpected error", stats.calling_aet, stats.peer
             )
             return STATUS_PROCESSING_FAILURE
+        result = StoreResult.DUPLICATE if stored.duplicate else StoreResult.STORED
+        metrics.instance_received(result, time.perf_counter() - t0, stored.size)
         stats.instances += 1
         stats.bytes += stored.size
         if stored.duplicate:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,8 +42,17 @@ from dicom_node.errors import NodeError, SourceSeriesMissingError
 from dicom_node.models import Job
 from dicom_node.orchestration import dispatch, jobs
 from dicom_node.states import STAGE_JOB_STATE, JobState, Stage
-from dicom_node.storage.derived import DerivedFile, job_dir, read_manifest, write_job_outputs
+from dicom_node.storage.derived import (
+    PREVIEW,
+    DerivedFile,
+    job_dir,
+    read_manifest,
+    write_job_outputs,
+)
 from dicom_node.storage.store import series_paths
+
+if TYPE_CHECKING:
+    from dicom_node.imaging.pipeline import PipelineResult
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +138,29 @@ def compute(ctx: Context, job: Job, folder: Path, tracker: _StageTracker) -> lis
         "warnings": list(result.warnings),
         "quality": result.quality_info(),
     }
-    return write_job_outputs(folder, result.datasets, info)
+    files = write_job_outputs(folder, result.datasets, info)
+    _write_preview(folder, job.id, result, config)
+    return files
+
+
+def _write_preview(folder: Path, job_id: int, result: PipelineResult, config: NodeConfig) -> None:
+    """The job's preview PNG for the admin console; a failure costs the picture, not the job.
+
+    Rendered under a temporary name and renamed, so the console never shows half a picture.
+    """
+    from dicom_node.imaging.offline import write_result_preview
+    from dicom_node.imaging.pipeline import PipelineSettings
+
+    t0 = time.monotonic()
+    tmp = folder / f".{PREVIEW}.tmp.png"
+    try:
+        write_result_preview(tmp, result, PipelineSettings.from_config(config))
+        os.replace(tmp, folder / PREVIEW)
+    except Exception:
+        log.exception("job %d: preview picture not written", job_id)
+        tmp.unlink(missing_ok=True)
+        return
+    log.info("job %d: preview written in %.1f s", job_id, time.monotonic() - t0)
 
 
 def _load_job(ctx: Context, job_id: int) -> Job | None:
