@@ -76,6 +76,10 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
         a, b = old.get(key), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             lines.extend(config_diff(a, b, f"{path}."))
+        elif not prefix and isinstance(b, Mapping) and a is None and b:  # a new section
+            lines.extend(f"{path}.{k} added: {_short(v)}" for k, v in b.items())
+        elif not prefix and isinstance(a, Mapping) and b is None and a:
+            lines.extend(f"{path}.{k} removed (was {_short(v)})" for k, v in a.items())
         elif key not in new:
             lines.append(f"{path} removed (was {_short(a)})")
         elif key not in old:

@@ -99,6 +99,29 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
     return errors
 
 
+def _value_at(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return None
+    return data
+
+
+def _item_key(data: Any, error: FieldError) -> FieldError:
+    """A list-level error that quotes exactly one of the list's items points at that item
+    (``node.allowed_calling_aets.2``), so a form can show it next to the right row."""
+    items = _value_at(data, error.key)
+    if not isinstance(items, list):
+        return error
+    hits = [
+        i for i, item in enumerate(items) if isinstance(item, str) and repr(item) in error.message
+    ]
+    return FieldError(f"{error.key}.{hits[0]}", error.message) if len(hits) == 1 else error
+
+
 def validate(data: Any) -> NodeConfig:
     """Validate file-shaped data with the configuration model; :class:`ConfigInvalidError`."""
     if not isinstance(data, dict):
@@ -106,7 +129,7 @@ def validate(data: Any) -> NodeConfig:
     try:
         return NodeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigInvalidError(field_errors(exc)) from None
+        raise ConfigInvalidError([_item_key(data, e) for e in field_errors(exc)]) from None
 
 
 # --------------------------------------------------------------------------- YAML round trip

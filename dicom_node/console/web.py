@@ -30,6 +30,14 @@ from dicom_node.states import JobState
 router = APIRouter(include_in_schema=False)
 
 JOB_ACTION_NAMES = tuple(actions.JOB_ACTIONS)
+QUALITY_LABELS = {
+    "metric_value": "Mattes metric (lower is better)",
+    "mask_dice": "Head mask overlap (Dice)",
+    "iterations": "Iterations",
+    "seconds": "Registration time (s)",
+    "angle_from_header_deg": "Turn against the headers (degrees)",
+}
+"""Labels of the registration quality figures the job page knows; others show their key."""
 
 
 def _safe_next(path: str | None) -> str:
@@ -149,7 +157,8 @@ def job_page(request: Request, caller: PageCaller, job_id: int) -> HTMLResponse:
         job = views.job_detail(session, ctx.config, job_id)
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
-    return render(request, "job.html", {"title": f"Job {job_id}", "job": job}, caller=caller)
+    context = {"title": f"Job {job_id}", "job": job, "quality_labels": QUALITY_LABELS}
+    return render(request, "job.html", context, caller=caller)
 
 
 @router.get("/jobs/{job_id}/preview.png")
