@@ -70,8 +70,8 @@ def fetch(
     password: str | None = PASSWORD,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes, dict[str, str]]:
-    """One HTTP request (Basic auth as admin unless ``password`` is None): status, body,
-    headers. Error statuses are returned, not raised."""
+    """One HTTP request (Basic auth as admin unless ``password`` is None): status, body and
+    headers (lower-case names). Error statuses are returned, not raised."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
@@ -83,9 +83,9 @@ def fetch(
         req.add_header(key, value)
     try:
         with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as rsp:
-            return rsp.status, rsp.read(), dict(rsp.headers)
+            return rsp.status, rsp.read(), {k.lower(): v for k, v in rsp.headers.items()}
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), dict(exc.headers)
+        return exc.code, exc.read(), {k.lower(): v for k, v in exc.headers.items()}
 
 
 def wait_console(node: NodeProcess) -> str:
