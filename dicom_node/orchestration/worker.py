@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import ConfigWatcher, NodeConfig
-from dicom_node.errors import NodeError, SourceSeriesMissingError
+from dicom_node.config import ConfigWatcher, NodeConfig, read_config_file
+from dicom_node.errors import ConfigError, NodeError, SourceSeriesMissingError
 from dicom_node.models import Job
 from dicom_node.orchestration import dispatch, jobs
 from dicom_node.states import STAGE_JOB_STATE, JobState, Stage
@@ -310,6 +310,15 @@ class _Loop:
         return False
 
 
+def _file_config(path: Path, fallback: NodeConfig) -> NodeConfig:
+    """The config file as it reads now; ``fallback`` (logged) when it is invalid."""
+    try:
+        return read_config_file(path)
+    except ConfigError as exc:
+        log.error("config file invalid at worker start, using the last good config:\n%s", exc)
+        return fallback
+
+
 def main(
     config: NodeConfig,
     config_file: Path | None = None,
@@ -329,6 +338,9 @@ def main(
     migrate(engine)
     watcher: ConfigWatcher | None = None
     if config_file is not None and Path(config_file).exists():
+        # The file may have changed since this process was spawned (the console saves within
+        # seconds of a start): the watcher's baseline must be the file as it reads now.
+        config = _file_config(Path(config_file), config)
         watcher = ConfigWatcher(Path(config_file), config)
         watcher.start()
     source: Callable[[], NodeConfig] = (lambda: watcher.current) if watcher else (lambda: config)

@@ -66,3 +66,19 @@ def test_preview_failure_costs_only_the_picture(
         worker._write_preview(tmp_path, 7, _result({}), NodeConfig())  # nothing to draw
     assert "job 7: preview picture not written" in caplog.text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_worker_starts_on_the_file_as_it_reads_now(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An edit saved between the spawn and the worker's start is not lost."""
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        "routing: {send_to: [TPS]}\ndestinations: {TPS: {ae_title: T, host: h, port: 1}}\n"
+    )
+    spawned_with = NodeConfig()
+    assert worker._file_config(path, spawned_with).routing.send_to == ["TPS"]
+    path.write_text("node: {port: 0}\n")
+    with caplog.at_level(logging.ERROR, logger="dicom_node.orchestration.worker"):
+        assert worker._file_config(path, spawned_with) is spawned_with
+    assert "config file invalid at worker start" in caplog.text
