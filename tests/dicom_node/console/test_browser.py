@@ -10,7 +10,6 @@ made: its preview picture and its send to the new destination (a real Orthanc).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import yaml
@@ -23,11 +22,8 @@ from tests.support.data import SMALL_CT, SMALL_MR, fixture_files, require_small_
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow, pytest.mark.timeout(400)]
 
-if True:  # the browser's API types only where Playwright is installed
-    try:
-        from playwright.sync_api import Page, expect
-    except ImportError:  # pragma: no cover - chromium() skips
-        Page = Any  # type: ignore[misc,assignment]
+pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]'")
+from playwright.sync_api import Page, expect  # noqa: E402
 
 
 def _allow_calling_ae(page: Page, url: str, aet: str) -> None:
