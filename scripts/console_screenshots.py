@@ -40,6 +40,7 @@ from tests.peers.node import (  # noqa: E402
     IndexView,
     node_config,
     start_node,
+    write_config,
 )
 from tests.peers.orthanc import Orthanc  # noqa: E402
 from tests.support.data import SMALL_CT, SMALL_MR  # noqa: E402
@@ -77,9 +78,9 @@ def main() -> int:
             "http": http_section(),
         }
         cfg = node_config(work, **sections)
+        set_password(write_config(work / "node.yaml", cfg))  # before the start, as an admin would
         node = start_node(work, cfg)
         try:
-            set_password(node.config_path)
             url = wait_console(node)
             t0 = time.monotonic()
             storescu_folder(node.port, args.ct, calling="CT_SIM", called=NODE_AET)

@@ -45,7 +45,8 @@ def job_action(ctx: ConsoleContext, caller: Caller, job_id: int, name: str) -> A
     after = _state(ctx, job_id)
     changed = after != before or (name == "retry" and message.endswith("queued again"))
     if changed:
-        record_change(Change(caller.user, caller.client, action, f"job {job_id}", message))
+        change = Change(caller.user, caller.client, action, f"job {job_id}", message, job_id)
+        record_change(change, ctx.config)
     return ActionResult(job=job_id, changed=changed, state=after, message=message)
 
 
@@ -63,7 +64,8 @@ def echo_destination(ctx: ConsoleContext, caller: Caller, name: str) -> EchoResu
         ok, message = False, str(exc)
     seconds = round(time.monotonic() - t0, 3)
     outcome = "success" if ok else f"failed: {message}"
-    record_change(Change(caller.user, caller.client, Action.ECHO, f"destination {name}", outcome))
+    change = Change(caller.user, caller.client, Action.ECHO, f"destination {name}", outcome)
+    record_change(change, config)
     return EchoResult(destination=name, ok=ok, message=message, seconds=seconds)
 
 
@@ -81,5 +83,9 @@ def save_config(
         if not result.applied:
             detail += " (saved, NOT applied yet)"
         target = str(ctx.config_file.path)
-        record_change(Change(caller.user, caller.client, Action.CONFIG_CHANGED, target, detail))
+        keys = tuple(line.split(" ", 1)[0].rstrip(":") for line in result.diff)
+        change = Change(
+            caller.user, caller.client, Action.CONFIG_CHANGED, target, detail, keys=keys
+        )
+        record_change(change, ctx.config)
     return result

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from dicom_node.config import NodeConfig
+
 log = logging.getLogger(__name__)
 
 MAX_VALUE_CHARS = 200
@@ -41,10 +43,14 @@ class Change:
     action: Action
     target: str
     detail: str = ""
+    job_id: int | None = None
+    keys: tuple[str, ...] = ()
+    """The configuration keys a config change touched."""
 
 
-def record_change(change: Change) -> None:
-    """Log ``change`` (and hand it to the audit trail once one exists)."""
+def record_change(change: Change, config: NodeConfig | None = None) -> None:
+    """Log ``change`` (and hand it to the audit trail of ``config``, the configuration in
+    force, once the node has one: this is the one place to connect it)."""
     level = logging.WARNING if change.action == Action.LOGIN_FAILED else logging.INFO
     log.log(
         level,

@@ -77,7 +77,8 @@ def check_password(ctx: ConsoleContext, client: str, user: str, password: str) -
     """Verify a login, within the rate limit; every failure is logged with its address."""
     wait = ctx.limiter.retry_after(client, user)
     if wait > 0:
-        record_change(Change(user, client, Action.LOGIN_FAILED, "console", "rate limited"))
+        change = Change(user, client, Action.LOGIN_FAILED, "console", "rate limited")
+        record_change(change, ctx.config)
         raise TooManyAttemptsError(wait)
     if not ctx.passwords.verify(user, password):
         n = ctx.limiter.failed(client, user)
@@ -85,7 +86,7 @@ def check_password(ctx: ConsoleContext, client: str, user: str, password: str) -
             f"wrong user name or password ({n} from this address within "
             f"{FAILURE_WINDOW_SECONDS / 60:.0f} min)"
         )
-        record_change(Change(user, client, Action.LOGIN_FAILED, "console", detail))
+        record_change(Change(user, client, Action.LOGIN_FAILED, "console", detail), ctx.config)
         return False
     ctx.limiter.succeeded(client)
     return True

@@ -110,7 +110,6 @@ def start_console(
     except NetworkError as exc:
         log.error("%s: the node runs without its console", exc)
         return None
-    ctx.recent.install()
     if not ctx.passwords.has_users():
         log.warning(
             "admin console: no password set in %s; nobody can log in until "
@@ -118,4 +117,5 @@ def start_console(
             config.password_file,
         )
     log.info("admin console on http://%s:%d/ (metrics at /metrics)", http.host, server.port)
+    ctx.recent.install()  # from now on, warnings show on the dashboard
     return server

@@ -102,7 +102,7 @@ def login(
             request, next_path=next, error="Wrong user name or password.", status_code=401
         )
     token, _session = ctx.web_sessions.create(user)
-    record_change(Change(user, client, Action.LOGIN, "console"))
+    record_change(Change(user, client, Action.LOGIN, "console"), ctx.config)
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
@@ -119,8 +119,9 @@ def login(
 @router.post("/logout")
 def logout(request: Request, caller: PageChange) -> Response:
     """End the session."""
-    context_of(request).web_sessions.drop(request.cookies.get(SESSION_COOKIE))
-    record_change(Change(caller.user, caller.client, Action.LOGOUT, "console"))
+    ctx = context_of(request)
+    ctx.web_sessions.drop(request.cookies.get(SESSION_COOKIE))
+    record_change(Change(caller.user, caller.client, Action.LOGOUT, "console"), ctx.config)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
