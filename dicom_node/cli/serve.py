@@ -123,7 +123,9 @@ class _Node:
         self.store = Store(cfg.storage.root, sessions, cfg.storage.min_free_mb)
         self.scp = StorageSCP(cfg, self.store)
         self.worker = EmbeddedWorker(cfg, worker_config)
-        self.scheduler = NodeScheduler(cfg, sessions, supervise=self.worker.supervise)
+        self.scheduler = NodeScheduler(
+            cfg, sessions, supervise=self.worker.supervise, store=self.store
+        )
 
     def start(self) -> None:
         """Listen, start the worker process and the periodic tasks."""
