@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from dicom_node.audit_syslog import SyslogSender
-from dicom_node.config import ConfigChange, NodeConfig
+from dicom_node.config import NodeConfig
 from dicom_node.config_security import SyslogSection
+from dicom_node.config_watcher import ConfigChange
 from dicom_node.states import AuditEvent, JobAction
 
 log = logging.getLogger(__name__)

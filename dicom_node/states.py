@@ -79,6 +79,22 @@ class PairingOutcome(StrEnum):
     IGNORED = "ignored"
 
 
+class AssociationResult(StrEnum):
+    """How an association with a sender ended (a metrics label)."""
+
+    RELEASED = "released"
+    ABORTED = "aborted"
+    REJECTED = "rejected"
+
+
+class StoreResult(StrEnum):
+    """What one received C-STORE came to (a metrics label)."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    FAILED = "failed"
+
+
 class DerivedKind(StrEnum):
     """A kind of derived object the node writes and a destination may receive."""
 

@@ -8,14 +8,18 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom.config
 
 from dicom_node import audit
 from dicom_node.cli.common import load
-from dicom_node.config import ConfigChange, ConfigWatcher, NodeConfig
+from dicom_node.config import NodeConfig
+from dicom_node.config_watcher import ConfigChange, ConfigWatcher
 from dicom_node.errors import EXIT_OK
+
+if TYPE_CHECKING:
+    from dicom_node.console.server import ConsoleServer
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +79,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     watcher.subscribe(node.reload)
     watcher.on_change(lambda change: _audit_config_change(watcher.current, change))
     watcher.start()
+    console = _start_console(cfg, path, watcher, node, overrides)
     try:
         while not stop.wait(MAIN_LOOP_TICK):
             pass
     finally:
+        if console is not None:
+            console.stop()
         watcher.stop()
         clean = node.stop()
         final = watcher.current
@@ -93,6 +100,25 @@ def _audit_config_change(current: NodeConfig, change: ConfigChange) -> None:
     audit.trail(current).config_change(change, ae_title=current.node.ae_title)
 
 
+def _start_console(
+    cfg: NodeConfig, path: Path, watcher: ConfigWatcher, node: _Node, overrides: dict[str, Any]
+) -> ConsoleServer | None:
+    """The admin console (``http`` section), serving in this process; None without one."""
+    if cfg.http is None:
+        return None
+    from dicom_node.console.server import start_console
+
+    worker = node.worker
+    return start_console(
+        cfg,
+        path,
+        watcher=watcher,
+        sessions=node.sessions,
+        worker_alive=lambda: worker.alive,
+        overrides=overrides,
+    )
+
+
 class _Node:
     """The parts ``serve`` runs: index, store, listener, scheduler, embedded worker."""
 
@@ -105,7 +131,7 @@ class _Node:
 
         self.engine = make_engine(cfg.database_url)
         migrate(self.engine)
-        sessions = session_factory(self.engine)
+        self.sessions = sessions = session_factory(self.engine)
         self.store = Store(cfg.storage.root, sessions, cfg.storage.min_free_mb)
         self.scp = StorageSCP(cfg, self.store)
         self.worker = EmbeddedWorker(cfg, worker_config)

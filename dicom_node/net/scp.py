@@ -27,7 +27,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 
-from dicom_node import audit
+from dicom_node import audit, metrics
 from dicom_node.config import NodeConfig
 from dicom_node.config_security import TlsServerSection
 from dicom_node.errors import STATUS_PROCESSING_FAILURE, NetworkError, NodeError
@@ -41,7 +41,7 @@ from dicom_node.net.tls import (
     tls_peer,
 )
 from dicom_node.net.tls_listener import start_tls_server
-from dicom_node.states import CheckSeverity, Listener
+from dicom_node.states import AssociationResult, CheckSeverity, Listener, StoreResult
 from dicom_node.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -295,6 +295,7 @@ class StorageSCP:
             stats.calling_aet = str(event.assoc.requestor.ae_title).strip()
         if outcome == "rejected":
             reason = _reject_reason(event.assoc)
+            metrics.association_ended(AssociationResult.REJECTED)
             log.warning(
                 "association from AE %r at %s rejected: %s", stats.calling_aet, stats.peer, reason
             )
@@ -319,6 +320,10 @@ class StorageSCP:
                 queue.put(None)
             return
         outcome = "released" if stats.outcome == "accepted" else stats.outcome
+        released = outcome == AssociationResult.RELEASED
+        metrics.association_ended(
+            AssociationResult.RELEASED if released else AssociationResult.ABORTED
+        )
         level = logging.INFO if outcome == "released" and not stats.failed else logging.WARNING
         log.log(
             level,
@@ -340,6 +345,7 @@ class StorageSCP:
 
     def _on_store(self, event: Any) -> int:
         stats = self._stats_for(event.assoc)
+        t0 = time.perf_counter()
         try:
             encoded = event.encoded_dataset(include_meta=True)
             stored = self._store.store_encoded(
@@ -347,6 +353,7 @@ class StorageSCP:
             )
         except NodeError as exc:
             stats.failed += 1
+            metrics.instance_received(StoreResult.FAILED, time.perf_counter() - t0)
             log.warning(
                 "C-STORE from AE %r at %s failed with status 0x%04X: %s",
                 stats.calling_aet,
@@ -357,10 +364,13 @@ class StorageSCP:
             return exc.status
         except Exception:
             stats.failed += 1
+            metrics.instance_received(StoreResult.FAILED, time.perf_counter() - t0)
             log.exception(
                 "C-STORE from AE %r at %s: unexpected error", stats.calling_aet, stats.peer
             )
             return STATUS_PROCESSING_FAILURE
+        result = StoreResult.DUPLICATE if stored.duplicate else StoreResult.STORED
+        metrics.instance_received(result, time.perf_counter() - t0, stored.size)
         stats.instances += 1
         stats.bytes += stored.size
         stats.transfers.add(

@@ -41,6 +41,11 @@ class EmbeddedWorker:
         """Process id of the running worker, if any."""
         return None if self._proc is None else int(self._proc.pid)
 
+    @property
+    def alive(self) -> bool:
+        """The worker process is running (the console's readiness check asks)."""
+        return self._proc is not None and bool(self._proc.is_alive())
+
     def start(self) -> None:
         """Start the worker process."""
         self._stopping = False

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node import audit
-from dicom_node.config import ConfigChange, NodeConfig
+from dicom_node.config import NodeConfig
+from dicom_node.config_watcher import ConfigChange
 from dicom_node.states import AuditEvent, JobAction
 
 

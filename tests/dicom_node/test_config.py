@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 import pytest
-import yaml
 
-from dicom_node.config import (
-    ENV_VAR,
-    ConfigWatcher,
-    NodeConfig,
-    load_config,
-    read_config_file,
-)
+from dicom_node.config import ENV_VAR, NodeConfig, load_config, read_config_file
 from dicom_node.errors import EXIT_CONFIG, ConfigError
-from tests.peers import REPO, wait_until
+from tests.peers import REPO
+from tests.support.config_files import write
 
 REPO_DEFAULT_CONFIG = REPO / "config" / "node.yaml"
-
-
-def write(path: Path, data: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
-    return path
 
 
 def test_embedded_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,37 +168,6 @@ def test_overrides_win_over_file(tmp_path: Path) -> None:
     assert cfg.storage.root == tmp_path / "s"
     with pytest.raises(ConfigError, match=r"node\.port"):
         load_config(cfg_file, {"node.port": 0})
-
-
-def test_watcher_applies_valid_and_keeps_last_good(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    cfg_file = write(tmp_path / "n.yaml", {"node": {"allowed_calling_aets": ["A"], "port": 5000}})
-    cfg, path = load_config(cfg_file, {"node.port": 6000})
-    watcher = ConfigWatcher(path, cfg, overrides={"node.port": 6000}, interval=0.05)
-    seen: list[NodeConfig] = []
-    watcher.subscribe(seen.append)
-    assert watcher.check() is False  # unchanged file
-    watcher.start()
-    try:
-        write(cfg_file, {"node": {"allowed_calling_aets": ["A", "B"], "port": 5000}})
-        wait_until(lambda: seen, timeout=5, what="reload")
-        assert seen[-1].node.allowed_calling_aets == ["A", "B"]
-        assert seen[-1].node.port == 6000  # the override survives the reload
-        with caplog.at_level(logging.ERROR, logger="dicom_node.config"):
-            write(
-                cfg_file, {"node": {"allowed_calling_aets": ["A", "B", "C"], "max_associations": 0}}
-            )
-            wait_until(lambda: "reload rejected" in caplog.text, timeout=5, what="rejection")
-        assert "node.max_associations" in caplog.text
-        assert watcher.current.node.allowed_calling_aets == ["A", "B"]
-        assert len(seen) == 1
-        os.remove(cfg_file)
-        write(cfg_file, {"node": {"allowed_calling_aets": []}})
-        wait_until(lambda: len(seen) == 2, timeout=5, what="second reload")
-        assert watcher.current.node.allowed_calling_aets == []
-    finally:
-        watcher.stop()
 
 
 def test_config_is_immutable() -> None:

@@ -9,15 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from dicom_node.config import (
-    ConfigChange,
-    ConfigWatcher,
-    changed_keys,
-    parse_config,
-    read_config_file,
-    restart_needed,
-)
+from dicom_node.config import parse_config, read_config_file
 from dicom_node.config_security import AUDIT_FILENAME, SYSLOG_PORTS, SyslogSection
+from dicom_node.config_watcher import ConfigChange, ConfigWatcher, changed_keys, restart_needed
 from dicom_node.errors import ConfigError
 
 TLS = {"port": 2762, "certificate": "tls/node.crt", "private_key": "tls/node.key"}
