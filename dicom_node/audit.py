@@ -98,6 +98,8 @@ EVENTS: dict[AuditEvent, tuple[Code, Code | None, str]] = {
     AuditEvent.CONFIG_CHANGE: (SECURITY_ALERT, Code("110128", "Network Configuration"), "E"),
     AuditEvent.CERTIFICATE_CHANGE: (SECURITY_ALERT, Code("110129", "Security Configuration"), "E"),
     AuditEvent.JOB_ACTION: (PROCEDURE_RECORD, None, "U"),
+    AuditEvent.USER_LOGIN: (USER_AUTHENTICATION, Code("110122", "Login"), "E"),
+    AuditEvent.USER_LOGOUT: (USER_AUTHENTICATION, Code("110123", "Logout"), "E"),
 }
 """Per record kind: EventID, EventTypeCode, EventActionCode (C create, R read, U update,
 E execute). For a transfer the action is the receiver's view (A.5.3.4): C when it did not hold
@@ -465,6 +467,18 @@ class AuditTrail:
             participants=[person],
             objects=objects,
             detail={"action": str(action)},
+        )
+
+    def user_authentication(
+        self, *, user: str, client: str, success: bool, logout: bool = False
+    ) -> None:
+        """A person logged in to (or out of) the admin console, or failed to."""
+        self.record(
+            AuditEvent.USER_LOGOUT if logout else AuditEvent.USER_LOGIN,
+            outcome=Outcome.SUCCESS if success else Outcome.MINOR_FAILURE,
+            text="logout" if logout else ("login" if success else "login failed"),
+            participants=[Participant(user, True, "user")],
+            detail={"client": client},
         )
 
     def _study_objects(self, tally: StudyTally) -> list[dict[str, Any]]:

@@ -229,6 +229,8 @@ class AuditEvent(StrEnum):
     CONFIG_CHANGE = "config-change"
     CERTIFICATE_CHANGE = "certificate-change"
     JOB_ACTION = "job-action"
+    USER_LOGIN = "user-login"
+    USER_LOGOUT = "user-logout"
 
 
 class CheckSeverity(StrEnum):

@@ -1,9 +1,9 @@
 """Every change made through the console, and every login, goes through :func:`record_change`.
 
-It logs one INFO line per event (who, from where, what) and is the single place to connect an
-audit trail (issue #12's ``dicom_node.audit``): call it from here and every console action is
-audited. Events never carry patient data: configuration keys and values (AE titles, hosts,
-ports), job ids and user names only.
+It logs one INFO line per event (who, from where, what) and writes it to the audit trail
+(:mod:`dicom_node.audit`): logins and logouts, configuration changes (with the keys touched)
+and job actions. Events never carry patient data: configuration keys and values (AE titles,
+hosts, ports), job ids and user names only.
 """
 
 from __future__ import annotations
@@ -12,9 +12,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
+from dicom_node import audit
 from dicom_node.config import NodeConfig
+from dicom_node.config_watcher import ConfigChange
+from dicom_node.states import JobAction
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,13 @@ class Change:
     """The configuration keys a config change touched."""
 
 
+_JOB_ACTIONS = {Action.JOB_RETRIED: JobAction.RETRY, Action.JOB_CANCELLED: JobAction.CANCEL}
+_LOGINS = {Action.LOGIN: (True, False), Action.LOGIN_FAILED: (False, False)}
+_LOGINS[Action.LOGOUT] = (True, True)
+
+
 def record_change(change: Change, config: NodeConfig | None = None) -> None:
-    """Log ``change`` (and hand it to the audit trail of ``config``, the configuration in
-    force, once the node has one: this is the one place to connect it)."""
+    """Log ``change`` and write it to the audit trail of ``config`` (the config in force)."""
     level = logging.WARNING if change.action == Action.LOGIN_FAILED else logging.INFO
     log.log(
         level,
@@ -61,6 +69,26 @@ def record_change(change: Change, config: NodeConfig | None = None) -> None:
         _safe(change.target),
         f": {change.detail}" if change.detail else "",
     )
+    if config is not None:
+        _audit(change, config)
+
+
+def _audit(change: Change, config: NodeConfig) -> None:
+    """The audit record of a console event (an echo changes nothing and is not audited)."""
+    trail = audit.trail(config)
+    if change.action in _LOGINS:
+        success, logout = _LOGINS[change.action]
+        trail.user_authentication(
+            user=change.actor, client=change.client, success=success, logout=logout
+        )
+    elif change.action in _JOB_ACTIONS and change.job_id is not None:
+        trail.job_action(
+            _JOB_ACTIONS[change.action], change.job_id, result=change.detail, user=change.actor
+        )
+    elif change.action == Action.CONFIG_CHANGED:
+        applied = ConfigChange(path=Path(change.target), applied=True, keys=list(change.keys))
+        trail.config_change(applied, ae_title=config.node.ae_title, user=change.actor)
+    trail.flush()
 
 
 def _safe(text: str) -> str:

@@ -1,11 +1,14 @@
-"""Every console change goes through one function: a log line (and later the audit trail)."""
+"""Every console change goes through one function: a log line and an audit record."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
+from dicom_node import audit
+from dicom_node.config import NodeConfig
 from dicom_node.console.changes import Action, Change, config_diff, record_change
 
 
@@ -41,3 +44,27 @@ def test_config_diff_names_keys() -> None:
         "routing.send_to added: ['B']",
     ]
     assert config_diff(new, new) == []
+
+
+def test_console_events_reach_the_audit_trail(tmp_path: Path) -> None:
+    config = NodeConfig.model_validate({"storage": {"root": str(tmp_path)}})
+    record_change(Change("admin", "127.0.0.1", Action.LOGIN, "console"), config)
+    record_change(Change("mallory", "10.0.0.9", Action.LOGIN_FAILED, "console"), config)
+    keys = ("node.allowed_calling_aets",)
+    change = Change("admin", "127.0.0.1", Action.CONFIG_CHANGED, "node.yaml", "x", keys=keys)
+    record_change(change, config)
+    record_change(Change("admin", "127.0.0.1", Action.JOB_CANCELLED, "job 4", "ok", 4), config)
+    record_change(Change("admin", "127.0.0.1", Action.ECHO, "destination PACS", "ok"), config)
+    log_file, _ = config.audit.paths(config.storage.root)
+    records = audit.read_log(log_file)
+    assert [r["event"] for r in records] == [
+        "user-login",
+        "user-login",
+        "config-change",
+        "job-action",
+    ]
+    assert [r["outcome"] for r in records[:2]] == [0, 4]
+    assert records[2]["detail"]["keys"] == ["node.allowed_calling_aets"]
+    assert records[2]["participants"][0]["user_id"] == "admin"
+    assert records[3]["objects"][0] == {"type": "job", "id": "4"}
+    assert not audit.verify_log(log_file).problems
