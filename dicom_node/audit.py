@@ -80,6 +80,7 @@ class Code(NamedTuple):
 APPLICATION_ACTIVITY = Code("110100", "Application Activity")
 INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
 PROCEDURE_RECORD = Code("110111", "Procedure Record")
+QUERY = Code("110112", "Query")
 SECURITY_ALERT = Code("110113", "Security Alert")
 USER_AUTHENTICATION = Code("110114", "User Authentication")
 
@@ -98,6 +99,7 @@ EVENTS: dict[AuditEvent, tuple[Code, Code | None, str]] = {
     AuditEvent.CONFIG_CHANGE: (SECURITY_ALERT, Code("110128", "Network Configuration"), "E"),
     AuditEvent.CERTIFICATE_CHANGE: (SECURITY_ALERT, Code("110129", "Security Configuration"), "E"),
     AuditEvent.JOB_ACTION: (PROCEDURE_RECORD, None, "U"),
+    AuditEvent.QUERY: (QUERY, None, "E"),
     AuditEvent.USER_LOGIN: (USER_AUTHENTICATION, Code("110122", "Login"), "E"),
     AuditEvent.USER_LOGOUT: (USER_AUTHENTICATION, Code("110123", "Logout"), "E"),
 }
@@ -369,7 +371,19 @@ class AuditTrail:
         source = Participant(
             calling.user_id, True, "source", calling.address, calling.port, calling.tls_subject
         )
-        destination = Participant(called_aet, requestor=False, role="destination")
+        self._received(source, called_aet, transfers)
+
+    def instances_retrieved(
+        self, *, source_aet: str, peer: str, destination_aet: str, transfers: Transfers
+    ) -> None:
+        """Instances the node retrieved on its own association (C-GET from a PACS)."""
+        address, _, port = peer.rpartition(":")
+        source = Participant(source_aet, False, "source", address or peer, int(port or 0) or None)
+        self._received(source, destination_aet, transfers)
+
+    def _received(self, source: Participant, destination_aet: str, transfers: Transfers) -> None:
+        """One instances-received record per study of ``transfers``."""
+        destination = Participant(destination_aet, requestor=False, role="destination")
         for tally in transfers.studies.values():
             new = sum(tally.sop_classes.values()) - tally.duplicates
             self.record(
@@ -379,6 +393,32 @@ class AuditTrail:
                 objects=self._study_objects(tally),
                 action="C" if new else "R",
             )
+
+    def query(
+        self,
+        *,
+        calling_aet: str,
+        called_aet: str,
+        peer: str,
+        ok: bool,
+        text: str,
+        patient_id: str,
+        issuer: str = "",
+    ) -> None:
+        """The node queried a PACS (prefetch C-FIND) for a patient's studies and series."""
+        address, _, port = peer.rpartition(":")
+        who = Participant(calling_aet, True, "source")
+        pacs = Participant(
+            called_aet, False, "destination", address or peer, int(port or 0) or None
+        )
+        self.record(
+            AuditEvent.QUERY,
+            outcome=Outcome.SUCCESS if ok else Outcome.MINOR_FAILURE,
+            text=text,
+            participants=[who, pacs],
+            objects=[self.patient_ref(patient_id, issuer)] if patient_id else [],
+            detail={"model": "Study Root Query/Retrieve"},
+        )
 
     def node_authentication_failure(self, *, peer: str, reason: str, listener: str) -> None:
         """A connection was refused before any association (TLS handshake, plain on TLS)."""

@@ -229,6 +229,7 @@ class AuditEvent(StrEnum):
     CONFIG_CHANGE = "config-change"
     CERTIFICATE_CHANGE = "certificate-change"
     JOB_ACTION = "job-action"
+    QUERY = "query"
     USER_LOGIN = "user-login"
     USER_LOGOUT = "user-logout"
 

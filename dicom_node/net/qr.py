@@ -36,6 +36,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicom_node.audit import Transfers
 from dicom_node.errors import STATUS_PROCESSING_FAILURE, NodeError, QueryRetrieveError
 from dicom_node.net.scp import MAX_PDU_SIZE, STORAGE_PREFERENCE, UNCOMPRESSED
 from dicom_node.net.scu import DestinationLike, describe
@@ -100,6 +101,8 @@ class RetrieveResult:
     comment: str = ""
     stored: int = 0
     store_failures: dict[str, str] = field(default_factory=dict)
+    transfers: Transfers = field(default_factory=Transfers)
+    """C-GET: what the node stored, per study (for the audit trail)."""
 
     @property
     def complete(self) -> bool:
@@ -364,7 +367,7 @@ class _GetReceiver:
         uid = _value_text(getattr(event.request, "AffectedSOPInstanceUID", "")) or "?"
         try:
             encoded = event.encoded_dataset(include_meta=True)
-            self.store.store_encoded(encoded, calling_aet=self.calling_aet, peer=self.peer)
+            stored = self.store.store_encoded(encoded, calling_aet=self.calling_aet, peer=self.peer)
         except NodeError as exc:
             log.warning(
                 "C-GET instance %s from %s refused with 0x%04X: %s", uid, self.peer, exc.status, exc
@@ -376,6 +379,13 @@ class _GetReceiver:
             self.result.store_failures[uid] = f"{type(exc).__name__}: {exc}"
             return STATUS_PROCESSING_FAILURE
         self.result.stored += 1
+        self.result.transfers.add(
+            stored.study_instance_uid,
+            stored.sop_class_uid,
+            patient_id=stored.patient_id,
+            issuer=stored.issuer_of_patient_id,
+            duplicate=stored.duplicate,
+        )
         return STATUS_SUCCESS
 
 
