@@ -2,9 +2,9 @@
 
 Not a timed test. Runs the real command as a child process (exactly what a user runs), then
 reports the wall time of each stage (from ``OUT/summary.json``, written by
-:func:`dicom_node.pipeline.run_offline`), the whole command's wall time, and the child's peak
-resident memory (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``, i.e. the peak of the
-largest child).
+:func:`dicom_node.imaging.pipeline.run_offline`), the whole command's wall time, and the
+child's peak resident memory (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``, i.e. the peak
+of the largest child).
 
     nice -n 10 python benchmarks/pipeline.py [--ct DIR] [--mr DIR] [--out DIR]
                                              [--config node.yaml] [--markdown FILE]

@@ -1,0 +1,139 @@
+"""Taking work back from dead workers: stale job leases and sends stuck in ``sending``.
+
+Safe to run from any process at any time (the scheduler and every idle worker do): each
+take-back is a conditional UPDATE that matches only the exact row state that was read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.models import Job, Send, utcnow
+from dicom_node.orchestration.jobs.lifecycle import close_open_stages, rowcount
+from dicom_node.orchestration.jobs.settings import Settings
+from dicom_node.states import ACTIVE_JOB_STATES, JobState, SendState
+
+log = logging.getLogger(__name__)
+
+
+def local_owner_dead(worker_id: str | None, host: str) -> bool:
+    """True when ``worker_id`` (host:pid:tag) names a process of this host that is gone."""
+    parts = (worker_id or "").split(":")
+    if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists but not ours (EPERM): alive
+        return False
+    return False
+
+
+def recover_stale(
+    sessions: sessionmaker[Session], cfg: Settings, *, local_host: str | None = None
+) -> list[int]:
+    """Requeue (or fail, after ``max_attempts``) jobs whose worker's heartbeat is stale.
+
+    With ``local_host`` (this machine's host name), jobs held by a worker process of this host
+    that no longer exists are taken back at once, without waiting for the lease to expire
+    (a restarted node resumes its interrupted job immediately). Also hands send rows stuck in
+    ``sending`` by a dead process back to the retry queue. Returns the recovered job ids.
+    """
+    now = utcnow()
+    cutoff = now - timedelta(seconds=cfg.lease_seconds)
+    with sessions() as session:
+        recovered = [
+            job.id
+            for job in _stale_jobs(session, cutoff, local_host)
+            if _take_back(session, job, cfg, now)
+        ]
+        _requeue_stuck_sends(session, cutoff, now, local_host)
+        session.commit()
+    return recovered
+
+
+def _stale_jobs(session: Session, cutoff: datetime, local_host: str | None) -> list[Job]:
+    """Active jobs whose lease expired, plus those held by a dead process of this host."""
+    stale = list(
+        session.scalars(
+            select(Job).where(
+                Job.state.in_(ACTIVE_JOB_STATES),
+                Job.worker_id.is_not(None),
+                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
+            )
+        ).all()
+    )
+    if local_host:
+        held = session.scalars(
+            select(Job).where(
+                Job.state.in_(ACTIVE_JOB_STATES),
+                Job.worker_id.like(f"{local_host}:%"),
+                Job.heartbeat_at >= cutoff,
+            )
+        ).all()
+        stale.extend(j for j in held if local_owner_dead(j.worker_id, local_host))
+    return stale
+
+
+def _take_back(session: Session, job: Job, cfg: Settings, now: datetime) -> bool:
+    """Requeue or fail one stale job, unless its row changed since it was read."""
+    msg = f"worker {job.worker_id} stopped answering during {job.state} (attempt {job.attempts})"
+    values: dict[str, Any] = {"worker_id": None, "heartbeat_at": None, "updated_at": now}
+    values["error"] = msg
+    if job.attempts >= cfg.max_attempts:
+        values.update(state=JobState.FAILED, finished_at=now)
+    else:
+        values.update(state=JobState.QUEUED, not_before=None)
+    unchanged_heartbeat = (
+        Job.heartbeat_at.is_(None)
+        if job.heartbeat_at is None
+        else Job.heartbeat_at == job.heartbeat_at
+    )
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job.id,
+            Job.worker_id == job.worker_id,
+            Job.state == job.state,
+            unchanged_heartbeat,
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(result) != 1:
+        return False
+    close_open_stages(session, job.id, now, error=msg)
+    log.warning("job %d: %s -> %s", job.id, msg, values["state"])
+    return True
+
+
+def _requeue_stuck_sends(
+    session: Session, cutoff: datetime, now: datetime, local_host: str | None
+) -> None:
+    """Sends left in ``sending`` by a dead process go back to the retry queue, due now."""
+    stuck = Send.state == SendState.SENDING
+    dead_sends: list[int] = []
+    if local_host:
+        dead_sends = [
+            s.id
+            for s in session.scalars(
+                select(Send).where(stuck, Send.worker_id.like(f"{local_host}:%"))
+            ).all()
+            if local_owner_dead(s.worker_id, local_host)
+        ]
+    session.execute(
+        update(Send)
+        .where(
+            stuck,
+            or_(Send.heartbeat_at.is_(None), Send.heartbeat_at < cutoff, Send.id.in_(dead_sends)),
+        )
+        .values(state=SendState.RETRY, worker_id=None, heartbeat_at=None, next_attempt_at=now)
+        .execution_options(synchronize_session=False)
+    )

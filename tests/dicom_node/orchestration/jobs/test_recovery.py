@@ -1,0 +1,87 @@
+"""Recovery: stale leases, dead local workers and sends stuck in ``sending``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from dicom_node import models
+from dicom_node.models import Job, Send
+from dicom_node.orchestration import jobs
+from dicom_node.states import JobState, SendState
+from tests.support.indexed import IndexedNode
+from tests.support.jobs import make_jobs
+
+
+def test_job_of_dead_local_worker_recovered_at_once(indexed_node: IndexedNode) -> None:
+    """A job held by a process of this host that no longer exists is requeued without
+    waiting for its lease to expire; a live holder keeps its job."""
+    node = indexed_node
+    cfg = jobs.Settings.from_config(node.config)
+    host = socket.gethostname()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_id = f"{host}:{int(gone.stdout)}:dead"
+    live_id = f"{host}:{os.getpid()}:live"
+    a, b = make_jobs(node, 2)
+    assert jobs.claim_next(node.sessions, dead_id) == a
+    assert jobs.claim_next(node.sessions, live_id) == b
+    assert jobs.recover_stale(node.sessions, cfg) == []  # leases still fresh
+    assert jobs.recover_stale(node.sessions, cfg, local_host=host) == [a]
+    with node.sessions() as s:
+        states = {j.id: j.state for j in s.scalars(select(Job)).all()}
+    assert states == {a: JobState.QUEUED, b: JobState.REGISTERING}
+
+
+def test_send_stuck_by_a_dead_process_is_retried(indexed_node: IndexedNode) -> None:
+    node = indexed_node
+    cfg = jobs.Settings.from_config(node.config)
+    (job_id,) = make_jobs(node, 1)
+    stale = models.utcnow() - timedelta(hours=1)
+    with node.sessions() as s:
+        s.add(
+            Send(
+                job_id=job_id,
+                destination="PACS",
+                kinds="fused",
+                state=SendState.SENDING,
+                worker_id="elsewhere:1:x",
+                heartbeat_at=stale,
+                updated_at=stale,
+            )
+        )
+        s.commit()
+    jobs.recover_stale(node.sessions, cfg)
+    with node.sessions() as s:
+        send = s.scalars(select(Send)).one()
+        assert (send.state, send.worker_id) == (SendState.RETRY, None)
+        assert send.next_attempt_at is not None
+
+
+def test_stale_job_on_its_last_attempt_fails(indexed_node: IndexedNode) -> None:
+    node = indexed_node
+    cfg = jobs.Settings.from_config(node.config)
+    (job_id,) = make_jobs(node, 1)
+    assert jobs.claim_next(node.sessions, "gone:1:x") == job_id
+    stale = models.utcnow() - timedelta(hours=1)
+    with node.sessions() as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(attempts=cfg.max_attempts, heartbeat_at=stale)
+        )
+        s.commit()
+    assert jobs.recover_stale(node.sessions, cfg) == [job_id]
+    with node.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state is JobState.FAILED
+        assert "stopped answering" in (job.error or "")
