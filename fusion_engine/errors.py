@@ -29,6 +29,9 @@ class QualityReport(Protocol):
     def summary(self) -> str:
         """The evidence of the reliability check in one line."""
 
+    def to_dict(self) -> dict[str, object]:
+        """The figures as JSON-ready data (flat: names to numbers, text, lists of text)."""
+
 
 class FusionEngineError(Exception):
     """Base class of every error raised by fusion_engine."""

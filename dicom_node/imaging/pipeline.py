@@ -14,7 +14,6 @@ the node's own error classes (:mod:`dicom_node.errors`), which say whether a ret
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -87,7 +86,7 @@ class PipelineResult:
 
     def quality_info(self) -> dict[str, Any]:
         """The registration quality as JSON-ready data (manifest, summary, job detail)."""
-        return dataclasses.asdict(self.quality)
+        return self.quality.to_dict()
 
 
 @dataclass
@@ -160,7 +159,7 @@ def run_pair(
 
 def _register(run: _Run, accept_unreliable: bool) -> RegistrationResult:
     """Rigid registration, with fusion_engine's errors translated."""
-    from fusion_engine.errors import InputError, RegistrationError
+    from fusion_engine.errors import InputError, RegistrationError, UnreliableRegistrationError
     from fusion_engine.registration import register
 
     try:
@@ -170,11 +169,14 @@ def _register(run: _Run, accept_unreliable: bool) -> RegistrationResult:
             threads=run.settings.threads,
             accept_unreliable=accept_unreliable,
         )
-    except RegistrationError as exc:
-        quality = dataclasses.asdict(exc.quality) if exc.quality is not None else None
+    except UnreliableRegistrationError as exc:
         raise RegistrationUnreliableError(
             f"registration of {run.mr.description} onto {run.ct.description} failed: {exc}",
-            quality=quality,
+            quality=exc.quality.to_dict(),
+        ) from exc
+    except RegistrationError as exc:
+        raise PipelineError(
+            f"cannot register {run.mr.description} onto {run.ct.description}: {exc}"
         ) from exc
     except InputError as exc:
         raise PipelineError(f"cannot register these series: {exc}") from exc

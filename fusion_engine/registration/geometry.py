@@ -80,7 +80,6 @@ def rigid(matrix: FloatArray, center: FloatArray, translation: FloatArray) -> si
     return tr
 
 
-
 def rotation_angle_deg(matrix: FloatArray) -> float:
     """Rotation angle (degrees) of the rotation closest to ``matrix``."""
     r = orthonormalize(matrix)
@@ -93,7 +92,6 @@ def axis_name(matrix: FloatArray) -> str:
     values, vectors = np.linalg.eig(orthonormalize(matrix))
     axis = np.real(vectors[:, int(np.argmin(np.abs(values - 1.0)))])
     return ("left-right", "anterior-posterior", "head-feet")[int(np.argmax(np.abs(axis)))]
-
 
 
 def rotation_about(axis: FloatArray, degrees: float) -> FloatArray:
@@ -117,8 +115,6 @@ def cube_rotations() -> list[FloatArray]:
             if np.linalg.det(m) > 0:
                 out.append(m)
     return out
-
-
 
 
 def reg_matrix_mr_to_ct(transform: sitk.Transform) -> FloatArray:

@@ -126,6 +126,27 @@ class RegistrationQuality:
         parts = [f"{c.name} {_short(c)}" for c in self.checks]
         return ", ".join(parts) if parts else "not checked"
 
+    def to_dict(self) -> dict[str, object]:
+        """The figures as flat JSON-ready data (job records, manifests, summaries): the fields,
+        ``reliable``, ``evidence`` (:meth:`summary`), ``reasons`` and ``check_<name>`` values."""
+        out: dict[str, object] = {
+            "metric_value": self.metric_value,
+            "mask_dice": self.mask_dice,
+            "overlap": self.overlap,
+            "iterations": self.iterations,
+            "seconds": self.seconds,
+            "angle_from_header_deg": self.angle_from_header_deg,
+            "reliable": self.reliable,
+            "evidence": self.summary(),
+            "reasons": self.reasons,
+            "warnings": list(self.warnings),
+        }
+        out.update({f"check_{c.name}": c.value for c in self.checks})
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in out.items()
+        }
+
 
 def _short(check: Check) -> str:
     mark = "" if check.passed else " FAIL"

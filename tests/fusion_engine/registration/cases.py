@@ -338,8 +338,8 @@ def read_volume(directory: Path) -> sitk.Image:
     """A series as the node reads it (slices on their true positions, gaps interpolated), as
     float32. SimpleITK's series reader assumes equal slice spacing, which the MRI-DIR CT does
     not have (gaps of 0.6 to 3.8 mm): its volume would be stretched in places."""
-    from dicom_node.pipeline import DEFAULT_MAX_GAP_MM
-    from dicom_node.volumes import read_series_dir
+    from dicom_node.config import DEFAULT_MAX_GAP_MM
+    from dicom_node.imaging.volumes import read_series_dir
 
     volume = read_series_dir(directory, max_gap_mm=DEFAULT_MAX_GAP_MM)
     out: sitk.Image = sitk.Cast(volume.image, sitk.sitkFloat32)
