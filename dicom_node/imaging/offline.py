@@ -172,8 +172,7 @@ def write_result_preview(path: Path, result: PipelineResult, settings: PipelineS
         ct_window=settings.ct_window,
         warnings=result.warnings,
         title=(
-            f"MR-CT fusion ({settings.strategy}) — registration: metric "
-            f"{q.metric_value:.3f}, head Dice {q.mask_dice:.2f}, "
+            f"MR-CT fusion ({settings.strategy}) — registration: {q.summary()}, "
             f"{q.angle_from_header_deg:.0f}° from header — not for dose calculation"
         ),
     )

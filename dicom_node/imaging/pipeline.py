@@ -200,16 +200,22 @@ def _note_acceptance(reg: RegistrationResult, accepted_by: tuple[str, str] | Non
 def _refusal(
     run: _Run, reg: RegistrationResult, salt: str, revision: int, review: qa.Review
 ) -> RegistrationUnreliableError:
-    """The error of an unreliable registration, with the QA series of the refused result."""
+    """The error of an unreliable registration, with the QA series of the refused result (when
+    it can be made: the refusal stands either way)."""
     from fusion_engine.registration import resample_to
 
     reasons = "; ".join(reg.quality.reasons)
-    mr_on_ct, mask = resample_to(run.ct.image, run.mr.image, reg.transform)
+    try:
+        mr_on_ct, mask = resample_to(run.ct.image, run.mr.image, reg.transform)
+        review_series = _qa(run, reg, mr_on_ct, mask, salt, revision, review)
+    except Exception:
+        log.exception("registration QA of the refused registration not made")
+        review_series = []
     return RegistrationUnreliableError(
         f"registration of {run.mr.description} onto {run.ct.description} failed: "
         f"registration unreliable: {reasons}",
         quality=reg.quality.to_dict(),
-        qa=_qa(run, reg, mr_on_ct, mask, salt, revision, review),
+        qa=review_series,
     )
 
 
