@@ -8,18 +8,20 @@ file (``storage.root``, SQLite database paths, ``logging.file``) resolve against
 that file; with no file, against the working directory.
 
 Every model is frozen: a reload builds a new :class:`NodeConfig` and hands it to the
-subscribers of :class:`ConfigWatcher`; nothing mutates a config in place.
+subscribers of :class:`dicom_node.config_watch.ConfigWatcher`; nothing mutates a config in
+place.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 import logging
 import os
 import re
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -49,6 +51,14 @@ MAX_UID_ROOT_LENGTH = 32
 """Longest ``derive.uid_root``: leaves at least 31 decimal digits of hash in a 64-character UID,
 so derived UIDs stay unique (see :func:`dicom_node.imaging.derive.derive_uid`)."""
 
+DEFAULT_MAX_INSTANCE_MB = 2048
+"""Largest instance the node stores: an Enhanced CT/MR of a whole-body acquisition stays far
+below it; anything larger is refused (received instances are streamed to disk, so the limit
+bounds disk and worker memory, not the listener's)."""
+
+DEFAULT_MAX_ROWS_COLUMNS = 8192
+"""Largest Rows or Columns accepted: CT and MR images are at most a few thousand pixels wide."""
+
 DEFAULT_MAX_GAP_MM = 10.0
 """Widest gap between stored slices of a series that is still read as one volume."""
 
@@ -77,14 +87,42 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ANY_CALLER: Literal["ANY"] = "ANY"
+"""``node.allowed_calling_aets: ANY``: any calling AE title may store (written explicitly)."""
+
+DEFAULT_ASSOCIATION_REQUEST_TIMEOUT = 10.0
+"""Seconds a new connection may take to send its A-ASSOCIATE-RQ (real peers need milliseconds)."""
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+def _check_host_pin(value: str) -> str:
+    """An IP address, a network in CIDR notation, or a host name (resolved when applied)."""
+    text = value.strip()
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return text
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.match(text):
+        raise ValueError(f"{value!r} is not an IP address, a network (a.b.c.d/n) or a host name")
+    return text
+
+
 class NodeSection(_Section):
     """``node``: who the node is on the network and who may talk to it."""
 
     ae_title: AETitle = "FUSIONNODE"
     host: str = "0.0.0.0"
     port: Port = 11112
-    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    allowed_calling_aets: list[AETitle] | Literal["ANY"] = ANY_CALLER
+    calling_aet_hosts: dict[AETitle, list[str]] = Field(default_factory=dict)
+    accept_any_called_aet: bool = False
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
+    association_request_timeout_seconds: Annotated[float, Field(gt=0)] = (
+        DEFAULT_ASSOCIATION_REQUEST_TIMEOUT
+    )
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     shutdown_timeout_seconds: Annotated[float, Field(ge=0)] = 300.0
 
@@ -93,10 +131,58 @@ class NodeSection(_Section):
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v)
 
-    @field_validator("allowed_calling_aets")
+    @field_validator("allowed_calling_aets", mode="before")
     @classmethod
-    def _aets(cls, v: list[str]) -> list[str]:
-        return [_check_ae_title(x) for x in v]
+    def _aets(cls, v: Any) -> list[str] | str:
+        if v is None or v == []:  # not set, or [] (the old spelling of "anyone")
+            return ANY_CALLER
+        if isinstance(v, str):
+            if v.strip().upper() == ANY_CALLER:
+                return ANY_CALLER
+            raise ValueError(f"must be a list of AE titles, or {ANY_CALLER}")
+        if not isinstance(v, list):
+            raise ValueError(f"must be a list of AE titles, or {ANY_CALLER}")
+        titles = []
+        for i, title in enumerate(v, start=1):
+            try:
+                titles.append(_check_ae_title(str(title)))
+            except ValueError as exc:
+                raise ValueError(f"entry {i}: {exc}") from None
+        return titles
+
+    @field_validator("calling_aet_hosts")
+    @classmethod
+    def _pins(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        pins: dict[str, list[str]] = {}
+        for aet, hosts in v.items():
+            if not hosts:
+                raise ValueError(f"{aet}: give at least one host, address or network")
+            pins[_check_ae_title(aet)] = [_check_host_pin(h) for h in hosts]
+        return pins
+
+    @model_validator(mode="after")
+    def _pins_name_allowed_aets(self) -> NodeSection:
+        if self.accepts_any_caller:
+            return self
+        unknown = [aet for aet in self.calling_aet_hosts if aet not in self.allowed_calling_aets]
+        if unknown:
+            raise ValueError(
+                f"calling_aet_hosts names AE title(s) not in allowed_calling_aets: "
+                f"{', '.join(unknown)}"
+            )
+        return self
+
+    @property
+    def accepts_any_caller(self) -> bool:
+        """True when any calling AE title may store (``allowed_calling_aets: ANY``)."""
+        return self.allowed_calling_aets == ANY_CALLER
+
+    @property
+    def calling_aets(self) -> tuple[str, ...]:
+        """The allowed calling AE titles (empty when any caller may store)."""
+        if isinstance(self.allowed_calling_aets, str):
+            return ()
+        return tuple(self.allowed_calling_aets)
 
 
 class StorageSection(_Section):
@@ -104,6 +190,8 @@ class StorageSection(_Section):
 
     root: Path = Path(DEFAULT_STORAGE_DIR)
     min_free_mb: Annotated[int, Field(ge=0)] = 500
+    max_instance_mb: Annotated[int, Field(ge=1)] = DEFAULT_MAX_INSTANCE_MB
+    max_rows_columns: Annotated[int, Field(ge=1, le=65535)] = DEFAULT_MAX_ROWS_COLUMNS
 
 
 class DatabaseSection(_Section):
@@ -352,16 +440,40 @@ def parse_config(
     return _resolve_paths(cfg, base)
 
 
-def read_config_file(path: Path, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
-    """Read and validate one YAML file; raises :class:`ConfigError` naming file, key, problem."""
+@dataclass(frozen=True)
+class ConfigSnapshot:
+    """A config together with what it was read from: the YAML data as written and the
+    SHA-256 of the file's bytes (None for the embedded defaults), so a watcher can tell a later
+    edit from the content this config came from."""
+
+    config: NodeConfig
+    raw: Any
+    signature: str | None
+
+
+def file_signature(data: bytes) -> str:
+    """The signature of a config file's content."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """The bytes of a config file; :class:`ConfigError` when it is missing or unreadable."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def parse_config_bytes(
+    path: Path, data: bytes, overrides: Mapping[str, Any] | None = None
+) -> ConfigSnapshot:
+    """Validate the content ``data`` of config file ``path`` (see :func:`read_config_file`)."""
     try:
-        data = yaml.safe_load(text)
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -369,7 +481,13 @@ def read_config_file(path: Path, overrides: Mapping[str, Any] | None = None) -> 
             where = f"line {mark.line + 1}, column {mark.column + 1}: "
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
-    return parse_config(data, source=str(path), base=path.parent.resolve(), overrides=overrides)
+    cfg = parse_config(raw, source=str(path), base=path.parent.resolve(), overrides=overrides)
+    return ConfigSnapshot(cfg, raw, file_signature(data))
+
+
+def read_config_file(path: Path, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
+    """Read and validate one YAML file; raises :class:`ConfigError` naming file, key, problem."""
+    return parse_config_bytes(path, read_file_bytes(path), overrides).config
 
 
 def config_path(path: Path | None = None) -> tuple[Path, bool]:
@@ -382,6 +500,18 @@ def config_path(path: Path | None = None) -> tuple[Path, bool]:
     return DEFAULT_CONFIG_PATH.absolute(), False
 
 
+def load_config_snapshot(
+    path: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> tuple[ConfigSnapshot, Path]:
+    """:func:`load_config`, keeping what the config was read from (for a watcher)."""
+    resolved, explicit = config_path(path)
+    if resolved.exists() or explicit:
+        return parse_config_bytes(resolved, read_file_bytes(resolved), overrides), resolved
+    log.debug("no config file at %s: using embedded defaults", resolved)
+    cfg = parse_config({}, source="(defaults)", base=Path.cwd(), overrides=overrides)
+    return ConfigSnapshot(cfg, None, None), resolved
+
+
 def load_config(
     path: Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> tuple[NodeConfig, Path]:
@@ -392,126 +522,14 @@ def load_config(
     defaults are used with paths relative to the working directory. ``overrides`` maps dotted
     keys (``"node.port"``) to values that replace the file's (command-line flags).
     """
-    resolved, explicit = config_path(path)
-    if resolved.exists() or explicit:
-        return read_config_file(resolved, overrides), resolved
-    log.debug("no config file at %s: using embedded defaults", resolved)
-    return parse_config({}, source="(defaults)", base=Path.cwd(), overrides=overrides), resolved
+    snapshot, resolved = load_config_snapshot(path, overrides)
+    return snapshot.config, resolved
 
 
-def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
-    """Keys that changed between two configs but take effect only after a restart."""
-    keys = []
-    for section, field in (
-        ("node", "host"),
-        ("node", "port"),
-        ("node", "network_timeout_seconds"),
-        ("storage", "root"),
-        ("database", "url"),
-        ("logging", "file"),
-    ):
-        if getattr(getattr(old, section), field) != getattr(getattr(new, section), field):
-            keys.append(f"{section}.{field}")
-    return keys
+def __getattr__(name: str) -> Any:
+    """``ConfigWatcher`` and ``restart_needed`` live in :mod:`dicom_node.config_watch`."""
+    if name in ("ConfigWatcher", "restart_needed"):
+        from dicom_node import config_watch
 
-
-Subscriber = Callable[[NodeConfig], None]
-
-
-class ConfigWatcher:
-    """Poll a config file and hand each valid new version to subscribers.
-
-    The file is checked every ``interval`` seconds (at most 1 s by default) by a daemon
-    thread; :meth:`check` does one poll and can be called from a scheduler instead. A change
-    is applied only once the same new content has been seen on two consecutive polls, so a file
-    caught half-written by an editor (empty, say, which would mean "all defaults" and an open
-    allow-list) is never applied. An invalid edit is logged as an error and the last good config
-    stays in force.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        initial: NodeConfig,
-        *,
-        overrides: Mapping[str, Any] | None = None,
-        interval: float = 1.0,
-    ) -> None:
-        """Watch ``path``, starting from the already loaded ``initial`` config."""
-        self.path = path
-        self.interval = interval
-        self._overrides = dict(overrides or {})
-        self._current = initial
-        self._signature = self._file_signature()
-        self._pending: str | None = None
-        self._subscribers: list[Subscriber] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def current(self) -> NodeConfig:
-        """The last good config."""
-        return self._current
-
-    def subscribe(self, callback: Subscriber) -> None:
-        """Call ``callback(new_config)`` after every successful reload."""
-        self._subscribers.append(callback)
-
-    def _file_signature(self) -> str | None:
-        try:
-            return hashlib.sha256(self.path.read_bytes()).hexdigest()
-        except OSError:
-            return None
-
-    def check(self) -> bool:
-        """Poll once; reload and notify when the file changed. True when a new config applied."""
-        with self._lock:
-            sig = self._file_signature()
-            if sig == self._signature:
-                self._pending = None
-                return False
-            if sig != self._pending:  # first sight of this content: let the write settle
-                self._pending = sig
-                return False
-            self._pending = None
-            self._signature = sig
-            if sig is None:
-                log.error("config file %s disappeared; keeping the last good config", self.path)
-                return False
-            try:
-                new = read_config_file(self.path, self._overrides)
-            except ConfigError as exc:
-                log.error("config reload rejected, keeping the last good config:\n%s", exc)
-                return False
-            old, self._current = self._current, new
-            for key in restart_needed(old, new):
-                log.warning("config %s changed in %s: takes effect after a restart", key, self.path)
-            log.info("config reloaded from %s", self.path)
-            for callback in self._subscribers:
-                try:
-                    callback(new)
-                except Exception:
-                    log.exception("config reload subscriber %r failed", callback)
-            return True
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception:  # never let the watcher thread die
-                log.exception("config watcher poll failed")
-
-    def start(self) -> None:
-        """Start the polling thread."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="config-watcher", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the polling thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        return getattr(config_watch, name)
+    raise AttributeError(name)

@@ -31,7 +31,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"{resolved}: OK")
     print(
         f"  node: AE {node.ae_title!r} on {node.host}:{node.port}, "
-        f"allowed callers: {', '.join(node.allowed_calling_aets) or 'ANY (warning)'}"
+        f"allowed callers: {', '.join(node.calling_aets) or 'ANY (warning)'}"
     )
     print(f"  storage: {cfg.storage.root} (min free {cfg.storage.min_free_mb} MB)")
     print(f"  database: {cfg.database.url}")

@@ -1,30 +1,54 @@
 """The DICOM listener: Verification and Storage SCP for CT, MR, Enhanced CT, Enhanced MR.
 
-Other SOP classes are refused at association negotiation. With a non-empty
-``node.allowed_calling_aets`` an unknown calling AE gets an A-ASSOCIATE-RJ. Each C-STORE is one
-call of :meth:`Store.store_encoded` on the bytes as received (no decoding, no re-encoding); a
-:class:`NodeError` becomes its DIMSE failure status. One INFO line is logged per association.
+Other SOP classes are refused at association negotiation; who may associate is decided by
+:mod:`dicom_node.net.associations` (called and calling AE titles, host pins, a limit on
+established associations). Received datasets are streamed by pynetdicom straight into a file
+in the store's staging folder (``_config.STORE_RECV_CHUNKED_DATASET``; the process's temporary
+folder is set to the staging folder so the file is on the storage disk and renamed, never
+copied), so memory does not grow with the instance. Each C-STORE is one call of
+:meth:`Store.store_received` on that file (the bytes as received, never re-encoded), checked
+against the request's presentation context; a :class:`NodeError` becomes its DIMSE failure
+status with an Error Comment saying why. While an instance arrives the association is aborted
+when it runs past twice ``storage.max_instance_mb`` or the disk drops below
+``storage.min_free_mb`` (up to the limit itself a too-large instance is received and refused
+with status 0xA701, so the sender can show why). One log line per association.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
     MRImageStorage,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 
 from dicom_node.config import NodeConfig
-from dicom_node.errors import STATUS_PROCESSING_FAILURE, NetworkError, NodeError
-from dicom_node.storage.store import Store
+from dicom_node.errors import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_PROCESSING_FAILURE,
+    NetworkError,
+    NodeError,
+)
+from dicom_node.net.associations import (
+    MAX_PENDING_CONNECTIONS,
+    AccessPolicy,
+    AssociationRecord,
+    Associations,
+    log_summary,
+)
+from dicom_node.net.transport import guard_server
+from dicom_node.storage.fsutil import unlink_quietly
+from dicom_node.storage.store import MB, Expected, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +85,24 @@ LOSSY = TRANSFER_SYNTAXES[9:]
 STORAGE_PREFERENCE: tuple[str, ...] = LOSSLESS_COMPRESSED + UNCOMPRESSED + LOSSY
 
 MAX_PDU_SIZE = 262_144
+ERROR_COMMENT_LENGTH = 64
+"""Error Comment is an LO value: at most 64 characters."""
+ABORT_FACTOR = 2
+"""An instance still arriving at this multiple of ``storage.max_instance_mb`` is aborted."""
+DISK_CHECK_BYTES = 64 * MB
+"""While an instance arrives, free space is checked each time this much more has arrived."""
+PENDING_HEADROOM = 2 * MAX_PENDING_CONNECTIONS
+"""pynetdicom's own association cap sits this far above node.max_associations: it counts
+connections still waiting to send their request, which the node counts separately."""
 
 
-@dataclass
-class _AssocStats:
-    """Counters of one association, for its summary log line."""
-
-    peer: str
-    calling_aet: str = "?"
-    outcome: str = "closed"
-    requested: bool = False
-    instances: int = 0
-    duplicates: int = 0
-    failed: int = 0
-    bytes: int = 0
-    started: float = 0.0
-
-
-def _peer(assoc: Any) -> str:
-    return f"{assoc.requestor.address}:{assoc.requestor.port}"
+def failure(status: int, comment: str) -> Dataset:
+    """A C-STORE response status with its Error Comment."""
+    rsp = Dataset()
+    rsp.Status = status
+    text = "".join(c if " " <= c <= "~" else "?" for c in comment)
+    rsp.ErrorComment = text[:ERROR_COMMENT_LENGTH]
+    return rsp
 
 
 class StorageSCP:
@@ -90,41 +113,43 @@ class StorageSCP:
         self._config = config
         self._store = store
         self._server: Any = None
-        self._stats: dict[int, _AssocStats] = {}
-        self._stats_lock = threading.Lock()
+        self.associations = Associations()
+        self._policy = AccessPolicy.from_config(config.node)
         ae = AE(ae_title=config.node.ae_title)
         ae.add_supported_context(VERIFICATION, list(UNCOMPRESSED[:3]))
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(STORAGE_PREFERENCE))
-        timeout = config.node.network_timeout_seconds
-        ae.acse_timeout = timeout
-        ae.dimse_timeout = timeout
-        ae.network_timeout = timeout
+        node = config.node
+        ae.acse_timeout = node.association_request_timeout_seconds
+        ae.dimse_timeout = node.network_timeout_seconds
+        ae.network_timeout = node.network_timeout_seconds
         ae.maximum_pdu_size = MAX_PDU_SIZE
         self._ae = ae
         self._apply(config)
 
     # -- configuration -------------------------------------------------------------------
     def _apply(self, config: NodeConfig) -> None:
-        self._ae.maximum_associations = config.node.max_associations
-        self._ae.require_calling_aet = list(config.node.allowed_calling_aets)
-        self._ae.ae_title = config.node.ae_title
+        node = config.node
+        self._policy = AccessPolicy.from_config(node)
+        # The policy decides in EVT_REQUESTED; pynetdicom's own checks stay as a backstop.
+        self._ae.require_called_aet = not node.accept_any_called_aet
+        self._ae.require_calling_aet = list(node.calling_aets)
+        self._ae.maximum_associations = node.max_associations + PENDING_HEADROOM
+        self._ae.ae_title = node.ae_title
         if self._server is not None:
-            self._server.ae_title = config.node.ae_title
+            self._server.ae_title = node.ae_title
         self._config = config
 
     def reload(self, config: NodeConfig) -> None:
-        """Apply a new config: allow-list, own AE title, association limit (no restart)."""
-        old = self._config
+        """Apply a new config: access rules, own AE title, association limit (no restart)."""
+        old = self._config.node
         self._apply(config)
-        if old.node.allowed_calling_aets != config.node.allowed_calling_aets:
-            if config.node.allowed_calling_aets:
-                log.info(
-                    "allowed calling AE titles now: %s",
-                    ", ".join(config.node.allowed_calling_aets),
-                )
-            else:
-                log.warning("node.allowed_calling_aets is empty: any calling AE may store")
+        new = config.node
+        if (old.allowed_calling_aets, old.calling_aet_hosts) != (
+            new.allowed_calling_aets,
+            new.calling_aet_hosts,
+        ):
+            _log_access(config)
 
     @property
     def port(self) -> int:
@@ -137,11 +162,16 @@ class StorageSCP:
     def start(self) -> None:
         """Listen on node.host:node.port in background threads."""
         node = self._config.node
+        # pynetdicom writes received datasets to temporary files: put them on the storage
+        # disk, owner-only (mkstemp), where a crash leaves them to the store's start-up sweep.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self._store.staging)
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_DATA_RECV, self._on_data),
             (evt.EVT_ACCEPTED, self._on_outcome, ["accepted"]),
             (evt.EVT_REJECTED, self._on_outcome, ["rejected"]),
             (evt.EVT_RELEASED, self._on_outcome, ["released"]),
@@ -157,8 +187,8 @@ class StorageSCP:
             )
         except OSError as exc:
             raise NetworkError(f"cannot listen on {node.host}:{node.port}: {exc}") from exc
-        if not node.allowed_calling_aets:
-            log.warning("node.allowed_calling_aets is empty: any calling AE may store to this node")
+        guard_server(self._server)
+        _log_access(self._config)
         log.info(
             "listening as AE %r on %s:%d (max %d associations), storing under %s",
             node.ae_title,
@@ -169,10 +199,8 @@ class StorageSCP:
         )
 
     def active_associations(self) -> int:
-        """Number of associations in progress."""
-        if self._server is None:
-            return 0
-        return len(self._server.active_associations)
+        """Number of established associations in progress."""
+        return self.associations.established
 
     def stop(self, graceful: bool = True, timeout: float | None = None) -> bool:
         """Stop listening; if graceful, let in-flight associations finish (up to ``timeout``).
@@ -188,9 +216,7 @@ class StorageSCP:
         deadline = time.monotonic() + (timeout if graceful else 0.0)
         active = []
         for assoc in server.active_associations:
-            with self._stats_lock:
-                stats = self._stats.get(id(assoc))
-            if stats is not None and stats.requested:
+            if self.associations.record(assoc).requested:
                 active.append(assoc)
             else:  # a connection that never asked for an association: nothing in flight
                 assoc.abort()
@@ -200,98 +226,146 @@ class StorageSCP:
             assoc.join(max(0.0, deadline - time.monotonic()))
         remaining = [a for a in active if a.is_alive()]
         for assoc in remaining:
-            log.warning("aborting association from %s at shutdown", _peer(assoc))
+            rec = self.associations.record(assoc)
+            log.warning("aborting association from %s at shutdown", rec.peer)
+            self.associations.node_aborts(assoc, "shutdown")
             assoc.abort()
         log.info("listener stopped")
         return not remaining
 
     # -- event handlers (run in association threads) ------------------------------------
-    def _stats_for(self, assoc: Any) -> _AssocStats:
-        with self._stats_lock:
-            stats = self._stats.get(id(assoc))
-            if stats is None:
-                stats = _AssocStats(peer=_peer(assoc), started=time.monotonic())
-                self._stats[id(assoc)] = stats
-            return stats
-
     def _on_open(self, event: Any) -> None:
-        self._stats_for(event.assoc)
+        oldest = self.associations.opened(event.assoc)
+        if oldest is not None:
+            log.warning("too many connections without an association request: dropping one")
+            _end_wait_for_request(oldest)
 
     def _on_requested(self, event: Any) -> None:
-        self._stats_for(event.assoc).requested = True
+        assoc = event.assoc
+        refusal = self.associations.admit(assoc, self._policy)
+        if refusal is None:
+            return
+        assoc.acse.send_reject(*refusal.reject)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     def _on_outcome(self, event: Any, outcome: str) -> None:
-        stats = self._stats_for(event.assoc)
-        if outcome in ("accepted", "rejected"):
-            stats.calling_aet = str(event.assoc.requestor.ae_title).strip()
-        if outcome == "rejected":
-            log.warning(
-                "association from AE %r at %s rejected (calling AE not allowed or too many "
-                "associations)",
-                stats.calling_aet,
-                stats.peer,
-            )
-        stats.outcome = outcome
+        self.associations.set_outcome(event.assoc, outcome)
 
     def _on_close(self, event: Any) -> None:
-        with self._stats_lock:
-            stats = self._stats.pop(id(event.assoc), None)
-        if stats is None or stats.outcome == "rejected":
+        assoc = event.assoc
+        _discard_partial_dataset(assoc)
+        rec = self.associations.closed(assoc)
+        if rec is None:
             return
-        if not stats.requested:
-            log.debug("connection from %s closed without an association request", stats.peer)
+        if not rec.requested:
             # pynetdicom's acceptor would otherwise keep waiting for the A-ASSOCIATE-RQ until
-            # the ACSE timeout, holding one of node.max_associations slots: TCP health checks
-            # and port probes must not block real senders. An empty item ends that wait the
-            # same way the timeout does (Association.run_reactor: primitive None -> kill()).
-            queue = getattr(getattr(event.assoc, "dul", None), "to_user_queue", None)
-            if queue is not None:
-                queue.put(None)
-            return
-        outcome = "released" if stats.outcome == "accepted" else stats.outcome
-        level = logging.INFO if outcome == "released" and not stats.failed else logging.WARNING
-        log.log(
-            level,
-            "association from AE %r at %s: %d instances stored (%d duplicates), %d failed, "
-            "%.1f MB in %.2f s, %s",
-            stats.calling_aet,
-            stats.peer,
-            stats.instances,
-            stats.duplicates,
-            stats.failed,
-            stats.bytes / 1e6,
-            time.monotonic() - stats.started,
-            outcome,
-        )
+            # the ACSE timeout: a closed probe (a TCP health check) ends that wait at once.
+            _end_wait_for_request(assoc)
+        log_summary(rec, assoc)
+
+    def _on_data(self, event: Any) -> None:
+        """Runs in the reading thread for each PDU: stop a runaway or disk-filling transfer."""
+        rec = self.associations.record(event.assoc)
+        before = rec.in_flight
+        rec.in_flight += len(event.data)
+        limit = ABORT_FACTOR * self._store.max_instance_mb * MB
+        reason = None
+        if rec.in_flight > limit:
+            reason = f"instance over {ABORT_FACTOR} x storage.max_instance_mb still arriving"
+        elif rec.in_flight // DISK_CHECK_BYTES != before // DISK_CHECK_BYTES:
+            free = shutil.disk_usage(self._store.root).free
+            if free < self._store.min_free_mb * MB:
+                reason = "free disk space below storage.min_free_mb while receiving"
+        if reason is not None and rec.abort_reason is None:
+            log.warning(
+                "aborting association from AE %r at %s: %s", rec.calling_aet, rec.peer, reason
+            )
+            self.associations.node_aborts(event.assoc, reason)
+            event.assoc.abort(block=False)
 
     def _on_echo(self, event: Any) -> int:
         return 0x0000
 
-    def _on_store(self, event: Any) -> int:
-        stats = self._stats_for(event.assoc)
+    def _on_store(self, event: Any) -> int | Dataset:
+        rec = self.associations.record(event.assoc)
+        rec.in_flight = 0
         try:
-            encoded = event.encoded_dataset(include_meta=True)
-            stored = self._store.store_encoded(
-                encoded, calling_aet=stats.calling_aet, peer=stats.peer
+            path = event.dataset_path  # the file pynetdicom streamed the dataset into
+        except AttributeError:
+            path = None
+        if path is None:
+            return self._refused(rec, STATUS_CANNOT_UNDERSTAND, "C-STORE without a dataset", None)
+        staged = Path(path)
+        try:
+            stored = self._store.store_received(
+                staged,
+                expected=_expected(event),
+                calling_aet=rec.calling_aet,
+                peer=rec.peer,
             )
         except NodeError as exc:
-            stats.failed += 1
-            log.warning(
-                "C-STORE from AE %r at %s failed with status 0x%04X: %s",
-                stats.calling_aet,
-                stats.peer,
-                exc.status,
-                exc,
-            )
-            return exc.status
-        except Exception:
-            stats.failed += 1
-            log.exception(
-                "C-STORE from AE %r at %s: unexpected error", stats.calling_aet, stats.peer
-            )
-            return STATUS_PROCESSING_FAILURE
-        stats.instances += 1
-        stats.bytes += stored.size
-        if stored.duplicate:
-            stats.duplicates += 1
+            return self._refused(rec, exc.status, str(exc), exc)
+        except Exception as exc:
+            log.exception("C-STORE from AE %r at %s: unexpected error", rec.calling_aet, rec.peer)
+            return self._refused(rec, STATUS_PROCESSING_FAILURE, "internal error", exc)
+        finally:
+            unlink_quietly(staged)  # normally renamed into storage already
+        rec.instances += 1
+        rec.bytes += stored.size
+        rec.duplicates += stored.duplicate
+        rec.replaced += stored.replaced
         return 0x0000
+
+    def _refused(
+        self, rec: AssociationRecord, status: int, why: str, exc: Exception | None
+    ) -> Dataset:
+        rec.failed += 1
+        if isinstance(exc, NodeError) or exc is None:
+            log.warning(
+                "C-STORE from AE %r at %s refused with status 0x%04X: %s",
+                rec.calling_aet,
+                rec.peer,
+                status,
+                why,
+            )
+        return failure(status, why)
+
+
+def _expected(event: Any) -> Expected:
+    context = event.context
+    request = event.request
+    return Expected(
+        sop_class_uid=str(context.abstract_syntax),
+        transfer_syntax_uid=str(context.transfer_syntax),
+        request_sop_class_uid=str(request.AffectedSOPClassUID or ""),
+    )
+
+
+def _end_wait_for_request(assoc: Any) -> None:
+    """End pynetdicom's wait for an A-ASSOCIATE-RQ the way its timeout does (Association
+    .run_reactor: primitive None -> kill, connection shut down)."""
+    queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+    if queue is not None:
+        queue.put(None)
+
+
+def _discard_partial_dataset(assoc: Any) -> None:
+    """Remove the staged file of a dataset whose transfer never completed (aborted)."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    path = getattr(message, "_data_set_path", None)
+    if handle is not None:
+        handle.close()
+    if path is not None:
+        unlink_quietly(Path(path))
+
+
+def _log_access(config: NodeConfig) -> None:
+    node = config.node
+    if node.accepts_any_caller:
+        log.warning("node.allowed_calling_aets is ANY: any calling AE may store to this node")
+    else:
+        log.info("allowed calling AE titles: %s", ", ".join(node.calling_aets))
+    for aet, hosts in node.calling_aet_hosts.items():
+        log.info("calling AE %r is accepted only from %s", aet, ", ".join(hosts))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -11,13 +9,12 @@ import yaml
 
 from dicom_node.config import (
     ENV_VAR,
-    ConfigWatcher,
     NodeConfig,
     load_config,
     read_config_file,
 )
 from dicom_node.errors import EXIT_CONFIG, ConfigError
-from tests.peers import REPO, wait_until
+from tests.peers import REPO
 
 REPO_DEFAULT_CONFIG = REPO / "config" / "node.yaml"
 
@@ -35,7 +32,11 @@ def test_embedded_defaults_without_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert path == tmp_path / "config" / "node.yaml"
     assert cfg.node.ae_title == "FUSIONNODE"
     assert cfg.node.port == 11112
-    assert cfg.node.allowed_calling_aets == []
+    assert cfg.node.allowed_calling_aets == "ANY"
+    assert cfg.node.accepts_any_caller and cfg.node.calling_aets == ()
+    assert cfg.node.accept_any_called_aet is False
+    assert cfg.storage.max_instance_mb == 2048
+    assert cfg.storage.max_rows_columns == 8192
     assert cfg.storage.root == tmp_path / "dicom-node-data"
     assert cfg.database.url == f"sqlite:///{tmp_path / 'dicom-node-data' / 'index.sqlite3'}"
     assert cfg.routing.send_to == []
@@ -106,8 +107,8 @@ def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
         ({"node": {"ae_title": "BAD\\AE"}}, "node.ae_title", "not a valid AE title"),
         (
             {"node": {"allowed_calling_aets": ["OK", ""]}},
-            "node.allowed_calling_aets.1",
-            "at least 1",
+            "node.allowed_calling_aets",
+            "entry 2: '' is not a valid AE title",
         ),
         ({"node": {"aetitle": "X"}}, "node.aetitle", "unknown key"),
         ({"nodes": {}}, "nodes", "unknown key"),
@@ -133,6 +134,29 @@ def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
         ),
         ({"worker": {"device": "tpu"}}, "worker.device", "'auto', 'cpu' or 'cuda'"),
         ({"derive": {"uid_root": "1.2.x"}}, "derive.uid_root", "not a valid UID root"),
+        (
+            {"node": {"allowed_calling_aets": "SOME"}},
+            "node.allowed_calling_aets",
+            "list of AE titles, or ANY",
+        ),
+        (
+            {"node": {"calling_aet_hosts": {"CT": ["not a host!"]}}},
+            "node.calling_aet_hosts",
+            "not an IP address, a network",
+        ),
+        (
+            {"node": {"allowed_calling_aets": ["MR"], "calling_aet_hosts": {"CT": ["10.0.0.1"]}}},
+            "node",
+            "not in allowed_calling_aets: CT",
+        ),
+        ({"node": {"calling_aet_hosts": {"CT": []}}}, "node.calling_aet_hosts", "at least one"),
+        ({"storage": {"max_instance_mb": 0}}, "storage.max_instance_mb", "greater than or equal"),
+        ({"storage": {"max_rows_columns": 70000}}, "storage.max_rows_columns", "less than"),
+        (
+            {"node": {"association_request_timeout_seconds": 0}},
+            "node.association_request_timeout_seconds",
+            "greater than 0",
+        ),
     ],
 )
 def test_errors_name_file_key_and_problem(
@@ -184,35 +208,26 @@ def test_overrides_win_over_file(tmp_path: Path) -> None:
         load_config(cfg_file, {"node.port": 0})
 
 
-def test_watcher_applies_valid_and_keeps_last_good(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    cfg_file = write(tmp_path / "n.yaml", {"node": {"allowed_calling_aets": ["A"], "port": 5000}})
-    cfg, path = load_config(cfg_file, {"node.port": 6000})
-    watcher = ConfigWatcher(path, cfg, overrides={"node.port": 6000}, interval=0.05)
-    seen: list[NodeConfig] = []
-    watcher.subscribe(seen.append)
-    assert watcher.check() is False  # unchanged file
-    watcher.start()
-    try:
-        write(cfg_file, {"node": {"allowed_calling_aets": ["A", "B"], "port": 5000}})
-        wait_until(lambda: seen, timeout=5, what="reload")
-        assert seen[-1].node.allowed_calling_aets == ["A", "B"]
-        assert seen[-1].node.port == 6000  # the override survives the reload
-        with caplog.at_level(logging.ERROR, logger="dicom_node.config"):
-            write(
-                cfg_file, {"node": {"allowed_calling_aets": ["A", "B", "C"], "max_associations": 0}}
-            )
-            wait_until(lambda: "reload rejected" in caplog.text, timeout=5, what="rejection")
-        assert "node.max_associations" in caplog.text
-        assert watcher.current.node.allowed_calling_aets == ["A", "B"]
-        assert len(seen) == 1
-        os.remove(cfg_file)
-        write(cfg_file, {"node": {"allowed_calling_aets": []}})
-        wait_until(lambda: len(seen) == 2, timeout=5, what="second reload")
-        assert watcher.current.node.allowed_calling_aets == []
-    finally:
-        watcher.stop()
+def test_access_keys(tmp_path: Path) -> None:
+    cfg, _ = load_config(
+        write(
+            tmp_path / "n.yaml",
+            {
+                "node": {
+                    "allowed_calling_aets": ["CT_SIM", "PACS"],
+                    "calling_aet_hosts": {"CT_SIM": ["10.1.2.3", "10.9.0.0/16", "ct.example"]},
+                    "accept_any_called_aet": True,
+                }
+            },
+        )
+    )
+    assert cfg.node.calling_aets == ("CT_SIM", "PACS") and not cfg.node.accepts_any_caller
+    assert cfg.node.calling_aet_hosts == {"CT_SIM": ["10.1.2.3", "10.9.0.0/16", "ct.example"]}
+    assert cfg.node.accept_any_called_aet is True
+    # the old spelling of "anyone" still means anyone (a reload guards against it, see
+    # test_config_watch.py)
+    empty, _ = load_config(write(tmp_path / "e.yaml", {"node": {"allowed_calling_aets": []}}))
+    assert empty.node.accepts_any_caller
 
 
 def test_config_is_immutable() -> None:

@@ -1,0 +1,190 @@
+"""Live reload of the config file: poll it, validate each new version, hand it on.
+
+A reload must never open the node by accident, so besides being valid a new version must
+
+- have a ``node`` section (an empty or cut-off file, or one saved without it, is refused);
+- say ``allowed_calling_aets: ANY`` explicitly when it would let any calling AE store while the
+  running config does not (a list emptied or deleted by mistake is refused);
+
+otherwise the last good config stays in force and an ERROR says why. A deleted file keeps the
+last good config the same way.
+
+Keys that only take effect after a restart (:func:`restart_needed`) are compared with the
+config the process *started* with, so restoring a file logs no false "restart" warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import (
+    ANY_CALLER,
+    ConfigSnapshot,
+    NodeConfig,
+    file_signature,
+    parse_config_bytes,
+)
+from dicom_node.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESTART_KEYS: tuple[tuple[str, str], ...] = (
+    ("node", "host"),
+    ("node", "port"),
+    ("node", "network_timeout_seconds"),
+    ("node", "association_request_timeout_seconds"),
+    ("storage", "root"),
+    ("database", "url"),
+    ("logging", "file"),
+)
+"""(section, key) pairs a running process reads only at start."""
+
+_UNSET: Any = object()
+
+
+def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
+    """Keys that changed between two configs but take effect only after a restart."""
+    return [
+        f"{section}.{key}"
+        for section, key in RESTART_KEYS
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+    ]
+
+
+def check_reload_is_safe(path: Path, snapshot: ConfigSnapshot, current: NodeConfig) -> None:
+    """Raise :class:`ConfigError` when applying ``snapshot`` could open the node by accident."""
+    raw = snapshot.raw
+    node = raw.get("node") if isinstance(raw, dict) else None
+    if not isinstance(node, dict):
+        raise ConfigError(
+            f"{path}: node: section missing (an empty or cut-off file?); a reload needs the "
+            "node section with allowed_calling_aets"
+        )
+    opens = snapshot.config.node.accepts_any_caller and not current.node.accepts_any_caller
+    if opens and str(node.get("allowed_calling_aets")).strip().upper() != ANY_CALLER:
+        raise ConfigError(
+            f"{path}: node.allowed_calling_aets: missing or empty, which would let any calling "
+            f"AE store; list the AE titles, or write `allowed_calling_aets: {ANY_CALLER}` to "
+            "allow any caller on purpose"
+        )
+
+
+Subscriber = Callable[[NodeConfig], None]
+
+
+class ConfigWatcher:
+    """Poll a config file and hand each valid new version to subscribers.
+
+    The file is checked every ``interval`` seconds (at most 1 s by default) by a daemon
+    thread; :meth:`check` does one poll and can be called from a scheduler instead. A change
+    is applied only once the same new content has been seen on two consecutive polls, so a file
+    caught half-written by an editor is never applied. ``signature`` is the
+    :func:`~dicom_node.config.file_signature` of the content ``initial`` was parsed from (see
+    :func:`~dicom_node.config.load_config_snapshot`): an edit saved after that, while the
+    process was still starting, is then applied by the first polls. Without it the file as it
+    is now counts as applied.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        initial: NodeConfig,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        interval: float = 1.0,
+        signature: str | None = _UNSET,
+    ) -> None:
+        """Watch ``path``, starting from the already loaded ``initial`` config."""
+        self.path = path
+        self.interval = interval
+        self._overrides = dict(overrides or {})
+        self._running = initial
+        self._current = initial
+        self._signature = self._read()[1] if signature is _UNSET else signature
+        self._pending: str | None = None
+        self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def current(self) -> NodeConfig:
+        """The last good config."""
+        return self._current
+
+    def subscribe(self, callback: Subscriber) -> None:
+        """Call ``callback(new_config)`` after every successful reload."""
+        self._subscribers.append(callback)
+
+    def _read(self) -> tuple[bytes | None, str | None]:
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return None, None
+        return data, file_signature(data)
+
+    def check(self) -> bool:
+        """Poll once; reload and notify when the file changed. True when a new config applied."""
+        with self._lock:
+            data, sig = self._read()
+            if sig == self._signature:
+                self._pending = None
+                return False
+            if sig != self._pending:  # first sight of this content: let the write settle
+                self._pending = sig
+                return False
+            self._pending = None
+            self._signature = sig
+            if data is None:
+                log.error("config file %s disappeared; keeping the last good config", self.path)
+                return False
+            try:
+                snapshot = parse_config_bytes(self.path, data, self._overrides)
+                check_reload_is_safe(self.path, snapshot, self._current)
+            except ConfigError as exc:
+                log.error("config reload rejected, keeping the last good config:\n%s", exc)
+                return False
+            self._apply(snapshot.config)
+            return True
+
+    def _apply(self, new: NodeConfig) -> None:
+        old, self._current = self._current, new
+        changed_now = set(restart_needed(old, new))
+        pending_before = set(restart_needed(self._running, old))
+        for key in restart_needed(self._running, new):
+            if key in changed_now:
+                log.warning("config %s changed in %s: takes effect after a restart", key, self.path)
+        for key in sorted(pending_before & changed_now):
+            if key not in restart_needed(self._running, new):
+                log.info("config %s is back to the value this process runs with", key)
+        log.info("config reloaded from %s", self.path)
+        for callback in self._subscribers:
+            try:
+                callback(new)
+            except Exception:
+                log.exception("config reload subscriber %r failed", callback)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # never let the watcher thread die
+                log.exception("config watcher poll failed")
+
+    def start(self) -> None:
+        """Start the polling thread."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="config-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the polling thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
