@@ -91,6 +91,7 @@ ABORT_FACTOR = 2
 """An instance still arriving at this multiple of ``storage.max_instance_mb`` is aborted."""
 DISK_CHECK_BYTES = 64 * MB
 """While an instance arrives, free space is checked each time this much more has arrived."""
+A_ABORT_PDU = b"\x07"
 PENDING_HEADROOM = 2 * MAX_PENDING_CONNECTIONS
 """pynetdicom's own association cap sits this far above node.max_associations: it counts
 connections still waiting to send their request, which the node counts separately."""
@@ -266,6 +267,9 @@ class StorageSCP:
 
     def _on_data(self, event: Any) -> None:
         """Runs in the reading thread for each PDU: stop a runaway or disk-filling transfer."""
+        if event.data[:1] == A_ABORT_PDU:  # the peer aborts: say so even if it hangs up at once
+            self.associations.set_outcome(event.assoc, "aborted")
+            return
         rec = self.associations.record(event.assoc)
         before = rec.in_flight
         rec.in_flight += len(event.data)

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -286,3 +286,15 @@ def series_paths(sessions: sessionmaker[Session], root: Path, series_uid: str) -
         ),
     )
     return [root / r.path for r in ordered]
+
+
+def recount_series(session: Session, series_uids: set[str] | None = None) -> None:
+    """Set each series' instance count from its rows (all series when ``series_uids`` is None);
+    the caller commits."""
+    counted = (
+        select(func.count(Instance.id)).where(Instance.series_pk == Series.id).scalar_subquery()
+    )
+    stmt = update(Series).values(number_of_instances=counted)
+    if series_uids is not None:
+        stmt = stmt.where(Series.series_instance_uid.in_(sorted(series_uids)))
+    session.execute(stmt)

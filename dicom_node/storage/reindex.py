@@ -172,6 +172,8 @@ def reindex(
         for rel, series_uid in rows:
             if series_uid not in seen and not (store.root / rel).exists():
                 _remove_row(store.sessions, str(rel), report)
+    with store.sessions() as session, session.begin():  # counts as the rows now say
+        index.recount_series(session, None if remove_missing else report.series)
     return report
 
 

@@ -391,7 +391,15 @@ class Store:
     def _unchanged(self, rx: _Received, existing: Any) -> StoredInstance:
         """An identical re-send is a no-op success (restoring the file if it vanished)."""
         known = self.root / existing.path
-        if not known.exists():  # indexed file vanished: put it back
+        try:
+            intact = known.stat().st_size == existing.size
+        except FileNotFoundError:
+            intact = False
+        if not intact:  # indexed file vanished or was damaged: put the re-sent copy back
+            log.warning(
+                "instance %s: stored file missing or damaged, restored from a re-send",
+                rx.header.sop_instance_uid,
+            )
             self._place(rx.staged, known)
             fsync_dir(known.parent)
         log.debug("instance %s re-sent unchanged: no-op", rx.header.sop_instance_uid)

@@ -102,7 +102,7 @@ def test_deleted_file_keeps_last_good(
     assert watcher.current.node.calling_aets == ("A", "B") and seen == []
     write(cfg_file, {"node": {"allowed_calling_aets": ["A"]}})  # back: applies again
     assert settle(watcher) is True
-    assert watcher.current.node.calling_aets == ("A",)
+    assert list(watcher.current.node.calling_aets) == ["A"]
 
 
 def test_any_written_explicitly_opens(listed: tuple[Path, ConfigWatcher, list[NodeConfig]]) -> None:

@@ -77,9 +77,9 @@ class Case:
     def part10(self) -> bytes:
         """The bytes as a Part-10 file, the file meta naming the case's transfer syntax."""
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = self.request_class or self.context_class
-        meta.MediaStorageSOPInstanceUID = self.sop_instance.decode("ascii", "replace")
-        meta.TransferSyntaxUID = self.transfer_syntax
+        meta.MediaStorageSOPClassUID = UID(self.request_class or self.context_class)
+        meta.MediaStorageSOPInstanceUID = UID(self.sop_instance.decode("ascii", "replace"))
+        meta.TransferSyntaxUID = UID(self.transfer_syntax)
         buf = DicomBytesIO()
         buf.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(buf, meta, enforce_standard=True)
@@ -291,20 +291,38 @@ def context_cases(fx: Fixture) -> list[Case]:
         )
     ds = fx.fresh("not-deflated")
     cases.append(
-        _case("plain bytes on a deflated context", "transfer syntax", ds, encode(ds), C210,
-              transfer_syntax=str(DeflatedExplicitVRLittleEndian))
-    )  # fmt: skip
+        _case(
+            "plain bytes on a deflated context",
+            "transfer syntax",
+            ds,
+            encode(ds),
+            C210,
+            transfer_syntax=str(DeflatedExplicitVRLittleEndian),
+        )
+    )
     ds = fx.fresh("deflated-cut")
     data = encode(ds, str(DeflatedExplicitVRLittleEndian))
     cases.append(
-        _case("deflated stream cut short", "truncated", ds, data[: len(data) // 2], C210,
-              transfer_syntax=str(DeflatedExplicitVRLittleEndian))
-    )  # fmt: skip
+        _case(
+            "deflated stream cut short",
+            "truncated",
+            ds,
+            data[: len(data) // 2],
+            C210,
+            transfer_syntax=str(DeflatedExplicitVRLittleEndian),
+        )
+    )
     ds = fx.fresh("native-on-jpegls")
     cases.append(
-        _case("native Pixel Data on a JPEG-LS context", "transfer syntax", ds, encode(ds), A901,
-              transfer_syntax=str(JPEGLSLossless))
-    )  # fmt: skip
+        _case(
+            "native Pixel Data on a JPEG-LS context",
+            "transfer syntax",
+            ds,
+            encode(ds),
+            A901,
+            transfer_syntax=str(JPEGLSLossless),
+        )
+    )
     return cases
 
 
@@ -354,10 +372,9 @@ def structure_cases(fx: Fixture) -> list[Case]:
     ds.ReferencedImageSequence = inner.ReferencedImageSequence
     cases.append(_case("sequences nested 80 deep", "structure", ds, encode(ds), C210))
     ds = fx.fresh("meta-in-dataset")
-    data = encode(ds)
     meta_elem = b"\x02\x00\x10\x00UI\x14\x00" + b"1.2.840.10008.1.2.1\x00"
     cases.append(
-        _case("file meta element inside the dataset", "structure", ds, meta_elem + data, C210)
+        _case("file meta element inside the dataset", "structure", ds, meta_elem + encode(ds), C210)
     )
     ds = fx.fresh("undefined-lo")
     data = bytearray(encode(ds))
@@ -433,9 +450,15 @@ def encapsulated_cases(fx: Fixture) -> list[Case]:
     ds2["PixelData"].is_undefined_length = True
     ds2["PixelData"].VR = "OB"
     cases.append(
-        _case("JPEG 2000 frame larger than Rows", "pixel data", ds2, encode(ds2), A902,
-              transfer_syntax=str(JPEG2000Lossless))
-    )  # fmt: skip
+        _case(
+            "JPEG 2000 frame larger than Rows",
+            "pixel data",
+            ds2,
+            encode(ds2),
+            A902,
+            transfer_syntax=str(JPEG2000Lossless),
+        )
+    )
     ds, data = _compressed(fx, "rle-header", RLELossless)
     at = _pixel_offset(data, ENCAPSULATED_PIXELS) + len(ENCAPSULATED_PIXELS)
     start, _ = first_fragment(data, at)
@@ -479,19 +502,43 @@ def accepted_cases(fx: Fixture) -> list[Case]:
     ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 5, 3, 8, 8, 7
     ds.PixelRepresentation = 0
     ds.PixelData = np.arange(15, dtype=np.uint8).tobytes() + b"\x00"  # padded to even
-    cases.append(_case("odd-length 8-bit pixels with pad byte", "accepted", ds, encode(ds), OK,
-                       why="PS3.5 8.1.1: odd-length Pixel Data is padded to even length"))  # fmt: skip
+    cases.append(
+        _case(
+            "odd-length 8-bit pixels with pad byte",
+            "accepted",
+            ds,
+            encode(ds),
+            OK,
+            why="PS3.5 8.1.1: odd-length Pixel Data is padded to even length",
+        )
+    )
     ds2 = fx.fresh("odd-private")
     ds2.add_new(0x00091010, "LO", "ABC")  # private odd-length value: pydicom pads it, we unpad
     raw = bytearray(encode(ds2))
     at = raw.find(b"\x09\x00\x10\x10LO\x04\x00ABC ")
     raw[at + 6 : at + 12] = b"\x03\x00ABC"
-    cases.append(_case("odd-length private LO value", "accepted", ds2, bytes(raw), OK,
-                       why="readable by pydicom and DCMTK (with a warning)"))  # fmt: skip
+    cases.append(
+        _case(
+            "odd-length private LO value",
+            "accepted",
+            ds2,
+            bytes(raw),
+            OK,
+            why="readable by pydicom and DCMTK (with a warning)",
+        )
+    )
     ds = fx.fresh("trailing-padding")
     ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 32)
-    cases.append(_case("Data Set Trailing Padding element", "accepted", ds, encode(ds), OK,
-                       why="PS3.10 7.2: (FFFC,FFFC) is part of the dataset"))  # fmt: skip
+    cases.append(
+        _case(
+            "Data Set Trailing Padding element",
+            "accepted",
+            ds,
+            encode(ds),
+            OK,
+            why="PS3.10 7.2: (FFFC,FFFC) is part of the dataset",
+        )
+    )
     ds = fx.fresh("un-sequence")
     seq_item = Dataset()
     seq_item.add_new(0x00111001, "LO", "X1")
@@ -500,8 +547,16 @@ def accepted_cases(fx: Fixture) -> list[Case]:
     raw = bytearray(encode(ds))
     at = raw.find(b"\x11\x00\x10\x10SQ\x00\x00")
     raw[at + 4 : at + 6] = b"UN"
-    cases.append(_case("private sequence as UN", "accepted", ds, bytes(raw), OK,
-                       why="PS3.5 6.2.2: UN of undefined length holds implicit VR items"))  # fmt: skip
+    cases.append(
+        _case(
+            "private sequence as UN",
+            "accepted",
+            ds,
+            bytes(raw),
+            OK,
+            why="PS3.5 6.2.2: UN of undefined length holds implicit VR items",
+        )
+    )
     return cases
 
 
