@@ -127,7 +127,8 @@ class _Node:
         reconcile_at_start(self.store, sessions)
         self.scp = StorageSCP(cfg, self.store)
         self.worker = EmbeddedWorker(cfg, worker_config, signature)
-        self.scheduler = NodeScheduler(cfg, sessions)
+        # the worker is supervised from serve's main thread (see orchestration.parent)
+        self.scheduler = NodeScheduler(cfg, sessions, store=self.store)
 
     def start(self) -> None:
         """Listen, start the worker process and the periodic tasks."""

@@ -3,15 +3,14 @@
 Other SOP classes are refused at association negotiation; who may associate is decided by
 :mod:`dicom_node.net.associations` (called and calling AE titles, host pins, a limit on
 established associations). Received datasets are streamed by pynetdicom straight into a file
-in the store's staging folder (``_config.STORE_RECV_CHUNKED_DATASET``; the process's temporary
-folder is set to the staging folder so the file is on the storage disk and renamed, never
-copied), so memory does not grow with the instance. Each C-STORE is one call of
-:meth:`Store.store_received` on that file (the bytes as received, never re-encoded), checked
-against the request's presentation context; a :class:`NodeError` becomes its DIMSE failure
-status with an Error Comment saying why. While an instance arrives the association is aborted
-when it runs past twice ``storage.max_instance_mb`` or the disk drops below
-``storage.min_free_mb`` (up to the limit itself a too-large instance is received and refused
-with status 0xA701, so the sender can show why). One log line per association.
+in the store's staging folder (``_config.STORE_RECV_CHUNKED_DATASET``, see
+:func:`route_received_files`), so memory does not grow with the instance. Each C-STORE is
+one call of :meth:`Store.store_received` on that file (the bytes as received, never
+re-encoded), checked against the request's presentation context; a :class:`NodeError` becomes
+its DIMSE failure status with an Error Comment saying why. While an instance arrives, the
+association is aborted when it runs past twice ``storage.max_instance_mb`` or the disk drops
+below ``storage.min_free_mb`` (up to that, a too-large instance is received and refused with
+status 0xA701, so the sender can show why). One log line per association.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,10 @@ from pydicom.uid import (
     EnhancedMRImageStorage,
     MRImageStorage,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 
 from dicom_node.config import NodeConfig
 from dicom_node.errors import (
-    STATUS_CANNOT_UNDERSTAND,
     STATUS_PROCESSING_FAILURE,
     NetworkError,
     NodeError,
@@ -48,7 +47,7 @@ from dicom_node.net.associations import (
 )
 from dicom_node.net.transport import guard_server
 from dicom_node.storage.fsutil import unlink_quietly
-from dicom_node.storage.store import MB, Expected, Store
+from dicom_node.storage.store import MB, Expected, Store, StoredInstance
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +162,7 @@ class StorageSCP:
     def start(self) -> None:
         """Listen on node.host:node.port in background threads."""
         node = self._config.node
-        # pynetdicom writes received datasets to temporary files: put them on the storage
-        # disk, owner-only (mkstemp), where a crash leaves them to the store's start-up sweep.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self._store.staging)
+        route_received_files(self._store.staging)
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -212,6 +208,7 @@ class StorageSCP:
         if server is None:
             return True
         server.shutdown()  # closes the listening socket: no new associations
+        unroute_received_files(self._store.staging)
         if timeout is None:
             timeout = self._config.node.shutdown_timeout_seconds
         deadline = time.monotonic() + (timeout if graceful else 0.0)
@@ -295,26 +292,14 @@ class StorageSCP:
         rec = self.associations.record(event.assoc)
         rec.in_flight = 0
         try:
-            path = event.dataset_path  # the file pynetdicom streamed the dataset into
-        except AttributeError:
-            path = None
-        if path is None:
-            return self._refused(rec, STATUS_CANNOT_UNDERSTAND, "C-STORE without a dataset", None)
-        staged = Path(path)
-        try:
-            stored = self._store.store_received(
-                staged,
-                expected=_expected(event),
-                calling_aet=rec.calling_aet,
-                peer=rec.peer,
+            stored = store_from_event(
+                self._store, event, calling_aet=rec.calling_aet, peer=rec.peer
             )
         except NodeError as exc:
             return self._refused(rec, exc.status, str(exc), exc)
         except Exception as exc:
             log.exception("C-STORE from AE %r at %s: unexpected error", rec.calling_aet, rec.peer)
             return self._refused(rec, STATUS_PROCESSING_FAILURE, "internal error", exc)
-        finally:
-            unlink_quietly(staged)  # normally renamed into storage already
         rec.instances += 1
         rec.bytes += stored.size
         rec.duplicates += stored.duplicate
@@ -334,6 +319,59 @@ class StorageSCP:
                 why,
             )
         return failure(status, why)
+
+
+def store_from_event(store: Store, event: Any, *, calling_aet: str, peer: str) -> StoredInstance:
+    """Store the dataset of a C-STORE event (a Storage SCP's, or a C-GET's sub-operation),
+    checked against the event's presentation context: from the file pynetdicom streamed it
+    into (``STORE_RECV_CHUNKED_DATASET``, as in ``serve``), else from memory. Raises a
+    :class:`NodeError` (its DIMSE status) when refused."""
+    try:
+        path = event.dataset_path  # the file pynetdicom streamed the dataset into
+    except AttributeError:
+        path = None
+    expected = _expected(event)
+    if path is None:
+        encoded = event.encoded_dataset(include_meta=True)
+        return store.store_encoded(encoded, calling_aet=calling_aet, peer=peer, expected=expected)
+    staged = Path(path)
+    try:
+        return store.store_received(staged, expected=expected, calling_aet=calling_aet, peer=peer)
+    finally:
+        unlink_quietly(staged)  # normally renamed into storage already
+
+
+_staging_dirs: list[Path] = []
+_staging_lock = threading.Lock()
+
+
+def _received_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's temporary file for a received dataset, made in the staging folder of the
+    listener started last in this process (owner-only, as mkstemp makes it)."""
+    with _staging_lock:
+        folder = _staging_dirs[-1] if _staging_dirs else None
+    if folder is not None:
+        kwargs.setdefault("dir", folder)
+    return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+def route_received_files(staging: Path) -> None:
+    """Have pynetdicom stream received datasets to files in ``staging`` (on the storage
+    disk, so they are renamed into place, never copied; a crash leaves them to the store's
+    start-up sweep). pynetdicom makes these files with ``tempfile.NamedTemporaryFile`` in the
+    system's temporary folder; its module's name for that function is pointed here (a test
+    checks the files really land in ``staging``)."""
+    with _staging_lock:
+        _staging_dirs.append(staging)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _received_file  # type: ignore[attr-defined]
+
+
+def unroute_received_files(staging: Path) -> None:
+    """Undo :func:`route_received_files` for ``staging`` (a listener stopped)."""
+    with _staging_lock:
+        if staging in _staging_dirs:
+            _staging_dirs.remove(staging)
 
 
 def _expected(event: Any) -> Expected:

@@ -23,6 +23,7 @@ Duplicate policy (patient safety first):
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,6 +56,7 @@ from dicom_node.storage.fsutil import (
     make_dirs,
     temporary_name,
     unlink_quietly,
+    write_durably,
 )
 from dicom_node.storage.header import Header, parse_header
 from dicom_node.storage.index import IndexFileGuard, series_paths
@@ -130,6 +132,11 @@ def _os_error(action: str, path: Path, exc: OSError) -> NodeError:
     if is_disk_full(exc):
         return StorageFullError(f"{action} {path}: no space left on device")
     return StorageError(f"{action} {path}: {exc.strerror or exc}")
+
+
+def _copy_into(src: Path, fh: BinaryIO) -> None:
+    with src.open("rb") as source:
+        shutil.copyfileobj(source, fh, MB)
 
 
 def check_matches(header: Header, checked: CheckedFile, expected: Expected | None) -> None:
@@ -263,7 +270,14 @@ class Store:
         with self._lock:
             return self._index_and_place(received)
 
-    def store_encoded(self, encoded: bytes, *, calling_aet: str, peer: str) -> StoredInstance:
+    def store_encoded(
+        self,
+        encoded: bytes,
+        *,
+        calling_aet: str,
+        peer: str,
+        expected: Expected | None = None,
+    ) -> StoredInstance:
         """Durably store and index Part-10 ``encoded`` bytes (see :meth:`store_received`)."""
         if len(encoded) > self.max_instance_mb * MB:
             raise InstanceTooLargeError(
@@ -273,7 +287,9 @@ class Store:
         self._check_free_space(len(encoded))
         staged = self._write_staged(encoded)
         try:
-            return self.store_received(staged, expected=None, calling_aet=calling_aet, peer=peer)
+            return self.store_received(
+                staged, expected=expected, calling_aet=calling_aet, peer=peer
+            )
         finally:
             unlink_quietly(staged)  # normally already renamed away
 
@@ -445,6 +461,14 @@ class Store:
     def _place(tmp: Path, final: Path) -> None:
         try:
             os.replace(tmp, final)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise _os_error("cannot place", final, exc) from exc
+        else:
+            return
+        # a received file made on another disk (not the staging folder): copy it over
+        try:
+            write_durably(final, lambda fh: _copy_into(tmp, fh))
         except OSError as exc:
             raise _os_error("cannot place", final, exc) from exc
 

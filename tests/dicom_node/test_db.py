@@ -88,3 +88,18 @@ def test_processes_racing_to_migrate_one_database(tmp_path: Path) -> None:
     eng = make_engine(url)
     assert current_revision(eng) == head_revision()
     eng.dispose()
+
+
+def test_migrations_create_exactly_the_model_schema(tmp_path: Path) -> None:
+    """Every table, column, index and constraint of models.py is what the revisions make."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from dicom_node.models import Base
+
+    eng = make_engine(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+    migrate(eng)
+    with eng.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    eng.dispose()
+    assert diff == []
