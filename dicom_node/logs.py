@@ -3,8 +3,9 @@
 Every line is written by :class:`EscapingFormatter`: control characters (a newline in a UID or
 an AE title sent by a peer, say) are escaped in every message, pynetdicom's and pydicom's
 included, so one record is one line and no peer can forge log lines. Exception tracebacks keep
-their lines, each indented, so they cannot pass for a record either. The log file is created
-owner-only (it names AE titles, addresses and, at DEBUG, patients).
+their lines, each indented, so they cannot pass for a record either; exceptions that end a
+library's thread and Python warnings are routed through logging for the same reason. The log
+file is created owner-only (it names AE titles, addresses and, at DEBUG, patients).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 from dicom_node.config import LoggingSection
@@ -71,8 +73,23 @@ def setup_logging(section: LoggingSection, *, verbose: bool = False) -> None:
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=handlers, force=True)
+    logging.captureWarnings(True)  # library warnings go through the same formatter
+    threading.excepthook = _log_thread_exception
     pynetdicom_level = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
     logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception that ended a thread (a library's): one escaped record, not raw stderr."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    exc = args.exc_value if args.exc_value is not None else args.exc_type()
+    logging.getLogger("dicom_node.threads").error(
+        "uncaught exception ended thread %s",
+        name,
+        exc_info=(args.exc_type, exc, args.exc_traceback),
+    )
 
 
 def set_level(section: LoggingSection) -> None:

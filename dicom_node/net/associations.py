@@ -40,6 +40,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)
 REJECT_LIMIT = (0x02, 0x03, 0x02)
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,10 @@ class Associations:
             rec.calling_aet = _strip(getattr(primitive, "calling_ae_title", ""))
             rec.called_aet = _strip(getattr(primitive, "called_ae_title", ""))
             refusal = policy.refusal(rec.called_aet, rec.calling_aet, rec.address)
+            if refusal is None and not getattr(
+                primitive, "presentation_context_definition_list", None
+            ):  # PS3.8 9.3.2: at least one presentation context
+                refusal = Refusal(REJECT_NO_REASON, "no presentation context proposed")
             if refusal is None and self._established >= policy.max_associations:
                 refusal = Refusal(
                     REJECT_LIMIT,

@@ -184,7 +184,7 @@ class StorageSCP:
             )
         except OSError as exc:
             raise NetworkError(f"cannot listen on {node.host}:{node.port}: {exc}") from exc
-        guard_server(self._server)
+        guard_server(self._server, timeout=node.network_timeout_seconds)
         _log_access(self._config)
         log.info(
             "listening as AE %r on %s:%d (max %d associations), storing under %s",
@@ -261,6 +261,8 @@ class StorageSCP:
             # the ACSE timeout: a closed probe (a TCP health check) ends that wait at once.
             _end_wait_for_request(assoc)
         log_summary(rec, assoc)
+        if rec.requested:
+            sweep_staging(self._store.staging, self._config.node.network_timeout_seconds)
 
     def _on_data(self, event: Any) -> None:
         """Runs in the reading thread for each PDU: stop a runaway or disk-filling transfer."""
@@ -335,13 +337,42 @@ def store_from_event(store: Store, event: Any, *, calling_aet: str, peer: str) -
         encoded = event.encoded_dataset(include_meta=True)
         return store.store_encoded(encoded, calling_aet=calling_aet, peer=peer, expected=expected)
     staged = Path(path)
+    with _staging_lock:
+        _in_use.add(staged)
     try:
         return store.store_received(staged, expected=expected, calling_aet=calling_aet, peer=peer)
     finally:
         unlink_quietly(staged)  # normally renamed into storage already
+        with _staging_lock:
+            _in_use.discard(staged)
+
+
+def sweep_staging(staging: Path, idle_seconds: float) -> int:
+    """Remove received files no transfer writes to any more: pynetdicom leaves the file of a
+    dataset behind when an association ends abnormally mid-transfer. A transfer in progress
+    writes at least every ``idle_seconds`` (``node.network_timeout_seconds``, else it is
+    aborted); files being stored are skipped. Returns the number removed."""
+    cutoff = time.time() - idle_seconds
+    removed = 0
+    for path in staging.glob("tmp*.dcm"):
+        with _staging_lock:
+            busy = path in _in_use
+        try:
+            stale = not busy and path.stat().st_mtime < cutoff
+        except FileNotFoundError:
+            continue
+        if stale:
+            unlink_quietly(path)
+            removed += 1
+    if removed:
+        log.warning(
+            "removed %d partial transfer(s) left in %s by aborted associations", removed, staging
+        )
+    return removed
 
 
 _staging_dirs: list[Path] = []
+_in_use: set[Path] = set()
 _staging_lock = threading.Lock()
 
 

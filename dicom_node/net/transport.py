@@ -6,7 +6,8 @@ Peers must not send P-DATA-TF PDUs larger than the maximum the node announced
 (:data:`dicom_node.net.scp.MAX_PDU_SIZE`); :class:`PduLengthGuard` wraps each accepted socket
 and ends the connection (pynetdicom sees it closed, the association is aborted) as soon as a
 PDU header announces more than :data:`MAX_RECEIVED_PDU` bytes, which leaves ample room for
-peers that round the maximum up and for large association requests.
+peers that round the maximum up and for large association requests. Accepted sockets also get
+a read/write timeout (see :func:`guard_server`).
 """
 
 from __future__ import annotations
@@ -82,12 +83,20 @@ class PduLengthGuard:
                 self._remaining = length
 
 
-def guard_server(server: Any, limit: int = MAX_RECEIVED_PDU) -> None:
-    """Wrap every socket ``server`` (a pynetdicom AssociationServer) accepts from now on."""
+def guard_server(server: Any, *, timeout: float, limit: int = MAX_RECEIVED_PDU) -> None:
+    """Wrap every socket ``server`` (a pynetdicom AssociationServer) accepts from now on.
+
+    Each accepted socket also gets ``timeout`` (``node.network_timeout_seconds``) for its reads
+    and writes: pynetdicom leaves accepted sockets blocking, and reads a PDU with blocking
+    ``recv`` calls once its first bytes arrived, so a peer that stops in the middle of a PDU
+    would hold the connection (and its threads) for ever; with the timeout the read fails and
+    pynetdicom treats the connection as closed.
+    """
     accept: Callable[[], tuple[socket.socket, Any]] = server.get_request
 
     def get_request() -> tuple[Any, Any]:
         sock, address = accept()
+        sock.settimeout(timeout)
         return PduLengthGuard(sock, limit), address
 
     server.get_request = get_request

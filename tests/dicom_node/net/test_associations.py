@@ -60,7 +60,11 @@ def test_only_established_associations_count() -> None:
     lim = policy(max_associations=1)
 
     def fake(calling: str) -> SimpleNamespace:
-        primitive = SimpleNamespace(calling_ae_title=calling, called_ae_title="NODE")
+        primitive = SimpleNamespace(
+            calling_ae_title=calling,
+            called_ae_title="NODE",
+            presentation_context_definition_list=[1],
+        )
         requestor = SimpleNamespace(address="127.0.0.1", port=1, primitive=primitive)
         return SimpleNamespace(requestor=requestor)
 
