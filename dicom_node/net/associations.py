@@ -139,7 +139,6 @@ class AssociationRecord:
     replaced: int = 0
     failed: int = 0
     bytes: int = 0
-    in_flight: int = 0
     counted: int = field(default=0, repr=False)
 
 
@@ -239,13 +238,21 @@ class Associations:
         return rec
 
 
+def _peer_aborted(assoc: Any) -> bool:
+    """An A-ABORT from the peer still queued (it hung up before pynetdicom read it)."""
+    try:
+        return bool(assoc.acse.is_aborted("a-abort"))
+    except Exception:  # an association torn down half-way has no usable ACSE/DUL
+        return False
+
+
 def ending(rec: AssociationRecord, assoc: Any) -> str:
     """How an established association ended, for its summary line."""
     if getattr(assoc, "is_released", False) or rec.outcome == "released":
         return "released"
     if rec.abort_reason is not None:
         return f"aborted by the node ({rec.abort_reason})"
-    if rec.outcome == "aborted" or getattr(assoc, "is_aborted", False):
+    if rec.outcome == "aborted" or getattr(assoc, "is_aborted", False) or _peer_aborted(assoc):
         by_node = getattr(assoc, "_sent_abort", False)  # pynetdicom's own timeouts abort too
         return "aborted by the node" if by_node else "aborted by the peer"
     return "connection lost"

@@ -16,6 +16,7 @@ status 0xA701, so the sender can show why). One log line per association.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -88,9 +89,8 @@ ERROR_COMMENT_LENGTH = 64
 """Error Comment is an LO value: at most 64 characters."""
 ABORT_FACTOR = 2
 """An instance still arriving at this multiple of ``storage.max_instance_mb`` is aborted."""
-DISK_CHECK_BYTES = 64 * MB
-"""While an instance arrives, free space is checked each time this much more has arrived."""
-A_ABORT_PDU = b"\x07"
+WATCH_INTERVAL = 1.0
+"""Seconds between two looks at the transfers in progress (size, free disk space)."""
 PENDING_HEADROOM = 2 * MAX_PENDING_CONNECTIONS
 """pynetdicom's own association cap sits this far above node.max_associations: it counts
 connections still waiting to send their request, which the node counts separately."""
@@ -114,6 +114,8 @@ class StorageSCP:
         self._store = store
         self._server: Any = None
         self.associations = Associations()
+        self._watching = threading.Event()
+        self._watcher: threading.Thread | None = None
         self._policy = AccessPolicy.from_config(config.node)
         ae = AE(ae_title=config.node.ae_title)
         ae.add_supported_context(VERIFICATION, list(UNCOMPRESSED[:3]))
@@ -168,7 +170,6 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_DATA_RECV, self._on_data),
             (evt.EVT_ACCEPTED, self._on_outcome, ["accepted"]),
             (evt.EVT_REJECTED, self._on_outcome, ["rejected"]),
             (evt.EVT_RELEASED, self._on_outcome, ["released"]),
@@ -185,6 +186,11 @@ class StorageSCP:
         except OSError as exc:
             raise NetworkError(f"cannot listen on {node.host}:{node.port}: {exc}") from exc
         guard_server(self._server, timeout=node.network_timeout_seconds)
+        self._watching.clear()
+        self._watcher = threading.Thread(
+            target=self._watch_transfers, name="scp-transfer-watch", daemon=True
+        )
+        self._watcher.start()
         _log_access(self._config)
         log.info(
             "listening as AE %r on %s:%d (max %d associations), storing under %s",
@@ -208,6 +214,7 @@ class StorageSCP:
         if server is None:
             return True
         server.shutdown()  # closes the listening socket: no new associations
+        self._watching.set()
         unroute_received_files(self._store.staging)
         if timeout is None:
             timeout = self._config.node.shutdown_timeout_seconds
@@ -264,35 +271,43 @@ class StorageSCP:
         if rec.requested:
             sweep_staging(self._store.staging, self._config.node.network_timeout_seconds)
 
-    def _on_data(self, event: Any) -> None:
-        """Runs in the reading thread for each PDU: stop a runaway or disk-filling transfer."""
-        if event.data[:1] == A_ABORT_PDU:  # the peer aborts: say so even if it hangs up at once
-            self.associations.set_outcome(event.assoc, "aborted")
-            return
-        rec = self.associations.record(event.assoc)
-        before = rec.in_flight
-        rec.in_flight += len(event.data)
-        limit = ABORT_FACTOR * self._store.max_instance_mb * MB
-        reason = None
-        if rec.in_flight > limit:
-            reason = f"instance over {ABORT_FACTOR} x storage.max_instance_mb still arriving"
-        elif rec.in_flight // DISK_CHECK_BYTES != before // DISK_CHECK_BYTES:
-            free = shutil.disk_usage(self._store.root).free
-            if free < self._store.min_free_mb * MB:
-                reason = "free disk space below storage.min_free_mb while receiving"
-        if reason is not None and rec.abort_reason is None:
-            log.warning(
-                "aborting association from AE %r at %s: %s", rec.calling_aet, rec.peer, reason
-            )
-            self.associations.node_aborts(event.assoc, reason)
-            event.assoc.abort(block=False)
+    def _watch_transfers(self) -> None:
+        """Once a second: abort a transfer that runs past twice ``storage.max_instance_mb``, or
+        any transfer while the disk is below ``storage.min_free_mb`` (a thread of its own, so
+        receiving costs nothing per PDU)."""
+        while not self._watching.wait(WATCH_INTERVAL):
+            server = self._server
+            if server is None:
+                continue
+            try:
+                free: int | None = shutil.disk_usage(self._store.root).free
+            except OSError:
+                free = None
+            for assoc in list(server.active_associations):
+                size = _bytes_arriving(assoc)
+                if size is None:
+                    continue
+                reason = None
+                if size > ABORT_FACTOR * self._store.max_instance_mb * MB:
+                    reason = f"instance over {ABORT_FACTOR} x storage.max_instance_mb arriving"
+                elif free is not None and free < self._store.min_free_mb * MB:
+                    reason = "free disk space below storage.min_free_mb while receiving"
+                if reason is not None:
+                    rec = self.associations.record(assoc)
+                    log.warning(
+                        "aborting association from AE %r at %s: %s",
+                        rec.calling_aet,
+                        rec.peer,
+                        reason,
+                    )
+                    self.associations.node_aborts(assoc, reason)
+                    assoc.abort()
 
     def _on_echo(self, event: Any) -> int:
         return 0x0000
 
     def _on_store(self, event: Any) -> int | Dataset:
         rec = self.associations.record(event.assoc)
-        rec.in_flight = 0
         try:
             stored = store_from_event(
                 self._store, event, calling_aet=rec.calling_aet, peer=rec.peer
@@ -421,6 +436,16 @@ def _end_wait_for_request(assoc: Any) -> None:
     queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
     if queue is not None:
         queue.put(None)
+
+
+def _bytes_arriving(assoc: Any) -> int | None:
+    """Bytes of the dataset ``assoc`` is receiving now (None when it receives none)."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    try:
+        return None if handle is None else os.fstat(handle.fileno()).st_size
+    except (OSError, ValueError):
+        return None
 
 
 def _discard_partial_dataset(assoc: Any) -> None:

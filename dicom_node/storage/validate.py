@@ -23,6 +23,7 @@ dataset bytes that the index keeps.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import zlib
@@ -62,6 +63,22 @@ VRS = frozenset(
 )
 LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 """Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)."""
+
+
+_STRUCTS = {
+    little: (struct.Struct(e + "HHL"), struct.Struct(e + "H"), struct.Struct(e + "L"))
+    for little, e in ((True, "<"), (False, ">"))
+}
+"""(tag + 4-byte length, 2-byte value, 4-byte value) layouts by endianness."""
+
+
+@functools.lru_cache(maxsize=8192)
+def _dictionary_sequence(tag: int) -> bool:
+    """Whether the data dictionary says ``tag`` is a sequence (implicit VR has no VR)."""
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
 
 
 class EndOfData(Exception):  # noqa: N818 - control flow inside this module
@@ -114,6 +131,12 @@ class Reader:
 
     def read(self, n: int) -> bytes:
         """The next ``n`` bytes; :class:`EndOfData` when fewer are left."""
+        buf = self._buf
+        if n <= len(buf):
+            out = bytes(buf[:n])
+            del buf[:n]
+            self.pos += n
+            return out
         while len(self._buf) < n:
             if not self._more():
                 raise EndOfData(n - len(self._buf))
@@ -124,6 +147,10 @@ class Reader:
 
     def skip(self, n: int, *, keep_head: int = 0, keep_tail: int = 0) -> tuple[bytes, bytes]:
         """Consume ``n`` bytes; return the first ``keep_head`` and last ``keep_tail`` of them."""
+        if not keep_head and not keep_tail and n <= len(self._buf):  # the common small value
+            del self._buf[:n]
+            self.pos += n
+            return b"", b""
         head = bytearray()
         tail = b""
         left = n
@@ -140,6 +167,12 @@ class Reader:
             left -= take
             self.pos += take
         return bytes(head), tail
+
+    def available(self, n: int) -> int:
+        """How many of the next ``n`` bytes exist (without consuming or copying them)."""
+        while len(self._buf) < n and self._more():
+            pass
+        return min(n, len(self._buf))
 
     def peek(self, n: int) -> bytes:
         """Up to ``n`` next bytes, without consuming them."""
@@ -189,28 +222,36 @@ class Walker:
     def __init__(self, reader: Reader, ts: UID, pixels: PixelChecker) -> None:
         self.r = reader
         self.implicit = bool(ts.is_implicit_VR)
-        self.little = bool(ts.is_little_endian)
         self.encapsulated = bool(ts.is_encapsulated)
         self.pixels = pixels
         self.depth = 0
+        self.little = bool(ts.is_little_endian)
 
     @property
-    def _e(self) -> str:
-        return "<" if self.little else ">"
+    def little(self) -> bool:
+        """Whether the data being walked is little endian."""
+        return self._e == "<"
+
+    @little.setter
+    def little(self, value: bool) -> None:
+        self._e = "<" if value else ">"
+        self._tag_length = _STRUCTS[value][0]
+        self._short = _STRUCTS[value][1]
+        self._long = _STRUCTS[value][2]
 
     def header(self) -> tuple[int, bytes | None, int]:
         """(tag, explicit VR or None, value length) of the next element or item."""
         raw = self.r.read(8)
-        group, elem = struct.unpack(self._e + "HH", raw[:4])
+        group, elem, length = self._tag_length.unpack(raw)
         tag = group << 16 | elem
         if group == 0xFFFE or self.implicit:
-            return tag, None, struct.unpack(self._e + "L", raw[4:])[0]
+            return tag, None, length
         vr = raw[4:6]
         if vr not in VRS:
             raise self._not_an_element(tag, raw)
         if vr in LONG_VRS:
-            return tag, vr, struct.unpack(self._e + "L", self.r.read(4))[0]
-        return tag, vr, struct.unpack(self._e + "H", raw[6:8])[0]
+            return tag, vr, self._long.unpack(self.r.read(4))[0]
+        return tag, vr, self._short.unpack_from(raw, 6)[0]
 
     def _not_an_element(self, tag: int, raw: bytes) -> InvalidDatasetError:
         """The error for an explicit VR element header without a valid VR."""
@@ -230,19 +271,14 @@ class Walker:
         """Whether the element's value holds items (in implicit VR: by the dictionary)."""
         if vr is not None:
             return vr == b"SQ" or (vr == b"UN" and length == UNDEFINED)
-        if length == UNDEFINED:
-            return True
-        try:
-            return dictionary_VR(tag) == "SQ"
-        except KeyError:
-            return False
+        return length == UNDEFINED or _dictionary_sequence(tag)
 
     def dataset(self, end: int | None, *, top: bool = False) -> None:
         """Walk elements up to ``end`` (None: to the end of the data; UNDEFINED: to an item
         delimiter)."""
         while True:
             if end is None:
-                left = len(self.r.peek(8))
+                left = self.r.available(8)
                 if left == 0:
                     return
                 if left < 8:

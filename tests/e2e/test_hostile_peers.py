@@ -284,15 +284,19 @@ def assert_no_forged_lines(log: str) -> None:
 
 
 def test_oversized_stream_is_aborted(hostile_node: NodeProcess) -> None:
-    """Past twice storage.max_instance_mb the transfer is aborted; nothing is kept."""
-    ds_bytes = (SMALL_CT / "CT_0001.dcm").read_bytes()[400:] * 150  # ~5 MB of one dataset
+    """A dataset still arriving past twice storage.max_instance_mb is aborted; nothing kept."""
+    chunk = (SMALL_CT / "CT_0001.dcm").read_bytes()[400 : 400 + 16000]
+    sent = 0
     with RawAssociation(hostile_node.port) as a:
         assert a.associate([(1, CT, [EXPLICIT_LE])], calling=CALLING).accepted
         a.p_data(1, c_store_rq(1, CT.encode(), b"1.2.3.99"), command=True)
-        with contextlib.suppress(OSError):  # the node may hang up while we send
-            a.p_data(1, ds_bytes, command=False, chunk=16000)
+        with contextlib.suppress(OSError):  # the node hangs up while we send
+            while sent < 500 * 1024 * 1024:
+                a.send(pdu(P_DATA_TF, (len(chunk) + 2).to_bytes(4, "big") + b"\x01\x00" + chunk))
+                sent += len(chunk)
         assert a.closed_by_node(timeout=20)
-    wait_until(lambda: "still arriving" in hostile_node.log(), timeout=10, what="log")
+    assert 2 * LIMIT_MB * 1024 * 1024 < sent < 200 * 1024 * 1024
+    wait_until(lambda: "max_instance_mb arriving" in hostile_node.log(), timeout=10, what="log")
     wait_until(lambda: not list((hostile_node.storage / ".incoming").iterdir()), timeout=10)
     assert hostile_node.echoscu(CALLING).returncode == 0
 
