@@ -8,7 +8,7 @@ file (``storage.root``, SQLite database paths, ``logging.file``) resolve against
 that file; with no file, against the working directory.
 
 Every model is frozen: a reload builds a new :class:`NodeConfig` and hands it to the
-subscribers of :class:`dicom_node.config_watch.ConfigWatcher`; nothing mutates a config in
+subscribers of :class:`dicom_node.config_watcher.ConfigWatcher`; nothing mutates a config in
 place.
 """
 
@@ -27,15 +27,15 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from dicom_node.config_base import AETitle, Port, check_ae_title, resolve_paths_in
+from dicom_node.config_base import Section as _Section
+from dicom_node.config_security import AuditSection, DestinationTls, TlsServerSection
 from dicom_node.errors import ConfigError
 from dicom_node.states import ALL_DERIVED_KINDS, DerivedKind, PrefetchMethod
 from fusion_engine.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
@@ -51,6 +51,11 @@ MAX_UID_ROOT_LENGTH = 32
 """Longest ``derive.uid_root``: leaves at least 31 decimal digits of hash in a 64-character UID,
 so derived UIDs stay unique (see :func:`dicom_node.imaging.derive.derive_uid`)."""
 
+DEFAULT_HTTP_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8080
+PASSWORD_FILE = Path("console") / "users.json"
+"""Admin console password hashes, below ``storage.root`` unless ``http.password_file`` says."""
+
 DEFAULT_MAX_INSTANCE_MB = 2048
 """Largest instance the node stores: an Enhanced CT/MR of a whole-body acquisition stays far
 below it; anything larger is refused (received instances are streamed to disk, so the limit
@@ -62,33 +67,14 @@ DEFAULT_MAX_ROWS_COLUMNS = 8192
 DEFAULT_MAX_GAP_MM = 10.0
 """Widest gap between stored slices of a series that is still read as one volume."""
 
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _DEST_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
-def _check_ae_title(value: str) -> str:
-    """Validate a DICOM AE title (1-16 printable ASCII characters, no backslash)."""
-    stripped = value.strip()
-    if not stripped or not _AE_RE.match(value):
-        raise ValueError(
-            f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
-        )
-    return stripped
-
-
-AETitle = Annotated[str, StringConstraints(min_length=1, max_length=16)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-
-
-class _Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-ANY_CALLER: Literal["ANY"] = "ANY"
-"""``node.allowed_calling_aets: ANY``: any calling AE title may store (written explicitly)."""
+ANY_CALLER = "ANY"
+"""``node.allowed_calling_aets: ANY``: any calling AE title may store, said explicitly (read as
+the empty list, which means the same but may also be an accident; see
+:mod:`dicom_node.config_watcher`)."""
 
 DEFAULT_ASSOCIATION_REQUEST_TIMEOUT = 10.0
 """Seconds a new connection may take to send its A-ASSOCIATE-RQ (real peers need milliseconds)."""
@@ -115,8 +101,9 @@ class NodeSection(_Section):
 
     ae_title: AETitle = "FUSIONNODE"
     host: str = "0.0.0.0"
-    port: Port = 11112
-    allowed_calling_aets: list[AETitle] | Literal["ANY"] = ANY_CALLER
+    port: Port | None = 11112
+    tls: TlsServerSection | None = None
+    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
     calling_aet_hosts: dict[AETitle, list[str]] = Field(default_factory=dict)
     accept_any_called_aet: bool = False
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
@@ -129,26 +116,24 @@ class NodeSection(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return _check_ae_title(v)
+        return check_ae_title(v)
 
     @field_validator("allowed_calling_aets", mode="before")
     @classmethod
-    def _aets(cls, v: Any) -> list[str] | str:
-        if v is None or v == []:  # not set, or [] (the old spelling of "anyone")
-            return ANY_CALLER
+    def _any(cls, v: Any) -> Any:
+        """``ANY`` (any case) is the explicit spelling of the empty list: anyone may store."""
+        if v is None:
+            return []
         if isinstance(v, str):
             if v.strip().upper() == ANY_CALLER:
-                return ANY_CALLER
+                return []
             raise ValueError(f"must be a list of AE titles, or {ANY_CALLER}")
-        if not isinstance(v, list):
-            raise ValueError(f"must be a list of AE titles, or {ANY_CALLER}")
-        titles = []
-        for i, title in enumerate(v, start=1):
-            try:
-                titles.append(_check_ae_title(str(title)))
-            except ValueError as exc:
-                raise ValueError(f"entry {i}: {exc}") from None
-        return titles
+        return v
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, v: list[str]) -> list[str]:
+        return [check_ae_title(x) for x in v]
 
     @field_validator("calling_aet_hosts")
     @classmethod
@@ -157,7 +142,7 @@ class NodeSection(_Section):
         for aet, hosts in v.items():
             if not hosts:
                 raise ValueError(f"{aet}: give at least one host, address or network")
-            pins[_check_ae_title(aet)] = [_check_host_pin(h) for h in hosts]
+            pins[check_ae_title(aet)] = [_check_host_pin(h) for h in hosts]
         return pins
 
     @model_validator(mode="after")
@@ -174,15 +159,21 @@ class NodeSection(_Section):
 
     @property
     def accepts_any_caller(self) -> bool:
-        """True when any calling AE title may store (``allowed_calling_aets: ANY``)."""
-        return self.allowed_calling_aets == ANY_CALLER
+        """True when any calling AE title may store (``ANY``, or the list left empty)."""
+        return not self.allowed_calling_aets
 
     @property
     def calling_aets(self) -> tuple[str, ...]:
         """The allowed calling AE titles (empty when any caller may store)."""
-        if isinstance(self.allowed_calling_aets, str):
-            return ()
         return tuple(self.allowed_calling_aets)
+
+    @model_validator(mode="after")
+    def _listens(self) -> NodeSection:
+        if self.port is None and self.tls is None:
+            raise ValueError("port is null and tls is not set: the node would not listen at all")
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"tls.port {self.port} is also the plain port")
+        return self
 
 
 class StorageSection(_Section):
@@ -207,11 +198,12 @@ class Destination(_Section):
     host: str
     port: Port
     send: list[DerivedKind] = Field(default_factory=lambda: list(ALL_DERIVED_KINDS))
+    tls: DestinationTls | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return _check_ae_title(v)
+        return check_ae_title(v)
 
 
 class RoutingSection(_Section):
@@ -328,6 +320,20 @@ class PrefetchSection(_Section):
     max_attempts: Annotated[int, Field(ge=1)] = 10
 
 
+class HttpSection(_Section):
+    """``http``: the admin console (web pages, REST API, /metrics, /healthz, /readyz).
+
+    Served by ``dicom-node serve`` in its own process when this section is present. The default
+    host is the loopback interface: the console is reachable from other machines only when an
+    admin says so (or through a reverse proxy that adds TLS).
+    """
+
+    host: str = DEFAULT_HTTP_HOST
+    port: Port = DEFAULT_HTTP_PORT
+    password_file: Path | None = None
+    session_idle_minutes: Annotated[float, Field(gt=0)] = 30.0
+
+
 class LoggingSection(_Section):
     """``logging``: level and optional log file."""
 
@@ -352,6 +358,8 @@ class NodeConfig(_Section):
     retention: RetentionSection = Field(default_factory=RetentionSection)
     prefetch: PrefetchSection = Field(default_factory=PrefetchSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    audit: AuditSection = Field(default_factory=AuditSection)
+    http: HttpSection | None = None
 
     @field_validator("destinations")
     @classmethod
@@ -390,6 +398,13 @@ class NodeConfig(_Section):
             return self.database.url
         return f"sqlite:///{self.storage.root / DB_FILENAME}"
 
+    @property
+    def password_file(self) -> Path:
+        """The admin console's password file (``http.password_file``, else under storage)."""
+        if self.http is not None and self.http.password_file is not None:
+            return self.http.password_file
+        return self.storage.root / PASSWORD_FILE
+
 
 def _resolve_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
     """Make every path absolute against ``base`` and fill ``database.url``."""
@@ -408,11 +423,20 @@ def _resolve_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
     log_file = cfg.logging.file
     if log_file is not None and not log_file.expanduser().is_absolute():
         log_file = Path(os.path.normpath(base / log_file))
+    http = cfg.http
+    if http is not None and http.password_file is not None:
+        pw = http.password_file.expanduser()
+        http = http.model_copy(update={"password_file": pw if pw.is_absolute() else base / pw})
     return cfg.model_copy(
         update={
             "storage": storage,
             "database": cfg.database.model_copy(update={"url": url}),
             "logging": cfg.logging.model_copy(update={"file": log_file}),
+            # certificate, key and audit files: relative to the config file's folder too
+            "node": resolve_paths_in(cfg.node, base),
+            "destinations": {n: resolve_paths_in(d, base) for n, d in cfg.destinations.items()},
+            "audit": resolve_paths_in(cfg.audit, base),
+            "http": http,
         }
     )
 
@@ -552,12 +576,3 @@ def load_config(
     """
     snapshot, resolved = load_config_snapshot(path, overrides)
     return snapshot.config, resolved
-
-
-def __getattr__(name: str) -> Any:
-    """``ConfigWatcher`` and ``restart_needed`` live in :mod:`dicom_node.config_watch`."""
-    if name in ("ConfigWatcher", "restart_needed"):
-        from dicom_node import config_watch
-
-        return getattr(config_watch, name)
-    raise AttributeError(name)

@@ -197,3 +197,7 @@ class UsageError(NodeError):
     """The command line names something that does not exist."""
 
     exit_code = EXIT_USAGE
+
+
+class TlsConfigError(ConfigError):
+    """A certificate, private key or CA file cannot be used for DICOM TLS."""

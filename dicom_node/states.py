@@ -79,6 +79,22 @@ class PairingOutcome(StrEnum):
     IGNORED = "ignored"
 
 
+class AssociationResult(StrEnum):
+    """How an association with a sender ended (a metrics label)."""
+
+    RELEASED = "released"
+    ABORTED = "aborted"
+    REJECTED = "rejected"
+
+
+class StoreResult(StrEnum):
+    """What one received C-STORE came to (a metrics label)."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    FAILED = "failed"
+
+
 class DerivedKind(StrEnum):
     """A kind of derived object the node writes and a destination may receive."""
 
@@ -190,3 +206,44 @@ class CtWaitState(StrEnum):
     """Waiting for an MR to arrive (or for its pairing window to close)."""
     PREFETCHING = "prefetching"
     """Waiting for a prefetch of its MR from the PACS."""
+
+
+class JobAction(StrEnum):
+    """Something an admin asks of a job (CLI or console); each one is audited."""
+
+    RETRY = "retry"
+    CANCEL = "cancel"
+    ACCEPT_REGISTRATION = "accept-registration"
+
+
+class AuditEvent(StrEnum):
+    """A kind of audit record (the ``event`` field of the audit log; see docs/audit.md)."""
+
+    APPLICATION_START = "application-start"
+    APPLICATION_STOP = "application-stop"
+    ASSOCIATION_START = "association-start"
+    ASSOCIATION_END = "association-end"
+    NODE_AUTHENTICATION_FAILURE = "node-authentication-failure"
+    INSTANCES_RECEIVED = "instances-received"
+    INSTANCES_SENT = "instances-sent"
+    CONFIG_CHANGE = "config-change"
+    CERTIFICATE_CHANGE = "certificate-change"
+    JOB_ACTION = "job-action"
+    QUERY = "query"
+    USER_LOGIN = "user-login"
+    USER_LOGOUT = "user-logout"
+
+
+class CheckSeverity(StrEnum):
+    """How bad one finding of ``dicom-node config check`` is (an error fails the check)."""
+
+    OK = "ok"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Listener(StrEnum):
+    """Which of the node's DICOM ports an association came in on."""
+
+    PLAIN = "plain"
+    TLS = "tls"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install the test dependencies (Debian packages, a virtual environment) and run the whole suite:
 # lint, strict typing, then pytest. This is the README's test command and what CI runs.
+# Debian's chromium is the browser of the console's Playwright tests (never `playwright install`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools; do
+for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools openssl:openssl chromium:chromium; do
   bin=${pair%%:*}; pkg=${pair##*:}
   if [ ! -x "/usr/bin/$bin" ] && [ ! -x "/usr/sbin/$bin" ]; then need_apt+=("$pkg"); fi
 done

@@ -16,13 +16,14 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import audit
 from dicom_node.cli.common import console, index_sessions, load
 from dicom_node.cli.prefetch import ct_wait_state, prefetch_tables_for_ct
 from dicom_node.config import NodeConfig
 from dicom_node.errors import EXIT_OK, EXIT_USAGE
 from dicom_node.models import Job, JobStage, PairingDecision, Send, utcnow
 from dicom_node.orchestration import jobs, pairing
-from dicom_node.states import CtWaitState, JobState, PairingOutcome, SendState
+from dicom_node.states import CtWaitState, JobAction, JobState, PairingOutcome, SendState
 
 DEFAULT_LIMIT = 50
 UID_SHOWN = 24
@@ -41,10 +42,10 @@ _STATE_STYLE: dict[str, str] = {
 LISTABLE_STATES: tuple[str, ...] = (*JobState, *CtWaitState)
 """Job states, and the states of CTs that wait (for an MR, or for its prefetch)."""
 
-JobAction = Callable[[sessionmaker[Session], int], str]
-ACTIONS: dict[str, tuple[str, JobAction]] = {
-    "retry": ("queue a failed, cancelled or done job again", jobs.retry_job),
-    "cancel": ("cancel a job that is not finished", jobs.cancel_job),
+JobFunction = Callable[[sessionmaker[Session], int], str]
+ACTIONS: dict[JobAction, tuple[str, JobFunction]] = {
+    JobAction.RETRY: ("queue a failed, cancelled or done job again", jobs.retry_job),
+    JobAction.CANCEL: ("cancel a job that is not finished", jobs.cancel_job),
 }
 
 
@@ -80,13 +81,21 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_action(args: argparse.Namespace) -> int:
     """``jobs retry ID`` / ``jobs cancel ID``: run the action, print its answer."""
     cfg, _ = load(args)
-    _text, action = ACTIONS[args.action]
+    which = JobAction(args.action)
+    _text, action = ACTIONS[which]
     with index_sessions(cfg) as sessions:
         try:
             message = action(sessions, args.job_id)
         except KeyError:
+            audit.job_action(cfg, which, args.job_id, result="no such job", ok=False)
             print(f"no job {args.job_id}", file=sys.stderr)
             return EXIT_USAGE
+        with sessions() as session:
+            job = session.get(Job, args.job_id)
+            patient = (job.patient_id, job.issuer_of_patient_id) if job else ("", "")
+    audit.job_action(
+        cfg, which, args.job_id, result=message, patient_id=patient[0], issuer=patient[1]
+    )
     print(message)
     return EXIT_OK
 

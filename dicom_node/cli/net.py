@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,8 +43,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
     dest = destination(cfg, args.dest)
     calling = args.calling_aet or cfg.node.ae_title
-    echo(dest, calling_aet=calling, timeout=args.timeout)
-    print(f"C-ECHO {calling} -> {dest.ae_title}@{dest.host}:{dest.port}: success")
+    echo(dest, calling_aet=calling, timeout=args.timeout, tls=dest.tls)
+    over = " over TLS" if dest.tls is not None else ""
+    print(f"C-ECHO {calling} -> {dest.ae_title}@{dest.host}:{dest.port}{over}: success")
     return EXIT_OK
 
 
@@ -68,6 +70,7 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """C-STORE files / folders to a destination (one association per series)."""
+    from dicom_node import audit
     from dicom_node.net.scu import SendOptions, send_files
 
     cfg, _ = load(args)
@@ -79,8 +82,17 @@ def cmd_send(args: argparse.Namespace) -> int:
     files = expand_paths(args.paths)
     if not files:
         raise UsageError("no files to send")
-    options = SendOptions(calling_aet=args.calling_aet or cfg.node.ae_title, retries=args.retries)
-    result = send_files(dest, files, options=options)
+    options = SendOptions(
+        calling_aet=args.calling_aet or cfg.node.ae_title,
+        retries=args.retries,
+        tls=dest.tls,
+        audit=audit.trail(cfg),
+        requested_by=getpass.getuser(),
+    )
+    try:
+        result = send_files(dest, files, options=options)
+    finally:
+        audit.flush_all()
     print(
         f"sent {result.sent} instance(s) to {dest.ae_title}@{dest.host}:{dest.port} "
         f"in {result.seconds:.1f} s ({result.attempts} association attempt(s))"

@@ -15,15 +15,19 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom.config
 
+from dicom_node import audit
 from dicom_node.cli.common import load
 from dicom_node.config import NodeConfig, load_config_snapshot
-from dicom_node.config_watch import ConfigWatcher
+from dicom_node.config_watcher import ConfigChange, ConfigWatcher
 from dicom_node.errors import EXIT_OK
 from dicom_node.storage.fsutil import PRIVATE_UMASK
+
+if TYPE_CHECKING:
+    from dicom_node.console.server import ConsoleServer
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +97,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     node.start()
+    audit.trail(cfg).application(True, ae_title=cfg.node.ae_title, what="serve")
     watcher.subscribe(node.reload)
+    watcher.on_change(lambda change: _audit_config_change(watcher.current, change))
     watcher.start()
+    console = _start_console(cfg, path, watcher, node, overrides)
     try:
         while not stop.wait(MAIN_LOOP_TICK):
             node.worker.supervise()  # from the main thread: see orchestration.parent
     finally:
+        if console is not None:
+            console.stop()
         watcher.stop()
         clean = node.stop()
+        final = watcher.current
+        audit.trail(final).application(False, ae_title=final.node.ae_title, what="serve")
+        audit.flush_all()
     log.info("node stopped%s", "" if clean else " (some associations were aborted)")
     return EXIT_OK
+
+
+def _audit_config_change(current: NodeConfig, change: ConfigChange) -> None:
+    """The audit record of a reload, in the trail of the config now in force."""
+    audit.trail(current).config_change(change, ae_title=current.node.ae_title)
+
+
+def _start_console(
+    cfg: NodeConfig, path: Path, watcher: ConfigWatcher, node: _Node, overrides: dict[str, Any]
+) -> ConsoleServer | None:
+    """The admin console (``http`` section), serving in this process; None without one."""
+    if cfg.http is None:
+        return None
+    from dicom_node.console.server import start_console
+
+    worker = node.worker
+    return start_console(
+        cfg,
+        path,
+        watcher=watcher,
+        sessions=node.sessions,
+        worker_alive=lambda: worker.alive,
+        overrides=overrides,
+    )
 
 
 class _Node:
@@ -121,7 +157,7 @@ class _Node:
         self._lock.enter_context(storage_lock(cfg.storage.root, exclusive=False))
         self.engine = make_engine(cfg.database_url)
         migrate(self.engine)
-        sessions = session_factory(self.engine)
+        self.sessions = sessions = session_factory(self.engine)
         self.store = Store.from_config(cfg.storage, sessions)
         secure_index_files(self.store.guard.path)
         reconcile_at_start(self.store, sessions)

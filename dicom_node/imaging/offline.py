@@ -32,13 +32,13 @@ from dicom_node.imaging.pipeline import (
 )
 from dicom_node.imaging.volumes import SeriesVolume, read_series_dir
 from dicom_node.states import DerivedKind, Stage
-from dicom_node.storage.derived import save_dataset
+from dicom_node.storage.derived import PREVIEW, save_dataset
 from dicom_node.storage.fsutil import make_dirs, write_text_durably
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
-PREVIEW = "preview.png"
+__all__ = ["PREVIEW", "SUMMARY", "run_offline", "write_datasets", "write_result_preview"]
 
 
 def run_offline(
@@ -80,7 +80,7 @@ def run_offline(
         with _timed(result, Stage.WRITE, on_stage):
             paths = write_datasets(result.datasets, out_dir)
         with _timed(result, Stage.PREVIEW, on_stage):
-            _write_preview(out_dir / PREVIEW, result, settings)
+            write_result_preview(out_dir / PREVIEW, result, settings)
     _write_summary(out_dir / SUMMARY, ct, mr, result)
     for name, seconds in result.stage_seconds.items():
         log.info("stage %-8s %6.1f s", name, seconds)
@@ -116,7 +116,8 @@ def write_datasets(
     return written
 
 
-def _write_preview(path: Path, result: PipelineResult, settings: PipelineSettings) -> None:
+def write_result_preview(path: Path, result: PipelineResult, settings: PipelineSettings) -> None:
+    """The preview PNG of a pipeline result (``dicom-node fuse`` and the worker's jobs)."""
     from dicom_node.imaging.preview import write_preview
 
     q = result.quality

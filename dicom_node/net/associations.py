@@ -27,7 +27,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from dicom_node import audit
 from dicom_node.config import NodeSection
+from dicom_node.net.tls import TlsPeer
+from dicom_node.states import Listener
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +109,22 @@ class AccessPolicy:
     def refusal(self, called: str, calling: str, address: str) -> Refusal | None:
         """Why a request from ``calling`` at ``address`` to ``called`` is refused (or None)."""
         if not self.any_called and called != self.ae_title:
-            return Refusal(REJECT_CALLED_AET, f"called AE title {called!r} is not this node's")
+            return Refusal(
+                REJECT_CALLED_AET, f"called AE title {called!r} is not this node's (node.ae_title)"
+            )
         if not self.any_caller and calling not in self.callers:
-            return Refusal(REJECT_CALLING_AET, f"calling AE title {calling!r} is not allowed")
+            return Refusal(
+                REJECT_CALLING_AET,
+                f"calling AE title {calling!r} is not in node.allowed_calling_aets",
+            )
         networks = self.pins.get(calling)
         if networks is not None:
             ip = peer_address(address)
             if ip is None or not any(ip in net for net in networks):
                 return Refusal(
                     REJECT_CALLING_AET,
-                    f"calling AE title {calling!r} is not allowed from {address}",
+                    f"calling AE title {calling!r} is not allowed from {address} "
+                    "(node.calling_aet_hosts)",
                 )
         return None
 
@@ -139,6 +148,9 @@ class AssociationRecord:
     replaced: int = 0
     failed: int = 0
     bytes: int = 0
+    listener: Listener = Listener.PLAIN
+    tls: TlsPeer | None = None
+    transfers: audit.Transfers = field(default_factory=audit.Transfers)
     counted: int = field(default=0, repr=False)
 
 
@@ -188,8 +200,11 @@ class Associations:
                 return oldest
         return None
 
-    def admit(self, assoc: Any, policy: AccessPolicy) -> Refusal | None:
-        """Decide on the association request of ``assoc``; an admitted one takes a slot."""
+    def admit(
+        self, assoc: Any, policy: AccessPolicy, refused: Refusal | None = None
+    ) -> Refusal | None:
+        """Decide on the association request of ``assoc`` (``refused``: a refusal decided
+        elsewhere, e.g. the TLS certificate binding); an admitted one takes a slot."""
         primitive = assoc.requestor.primitive
         with self._lock:
             rec = self._record(assoc)
@@ -197,7 +212,7 @@ class Associations:
             rec.requested = True
             rec.calling_aet = _strip(getattr(primitive, "calling_ae_title", ""))
             rec.called_aet = _strip(getattr(primitive, "called_ae_title", ""))
-            refusal = policy.refusal(rec.called_aet, rec.calling_aet, rec.address)
+            refusal = refused or policy.refusal(rec.called_aet, rec.calling_aet, rec.address)
             if refusal is None and not getattr(
                 primitive, "presentation_context_definition_list", None
             ):  # PS3.8 9.3.2: at least one presentation context

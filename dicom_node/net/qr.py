@@ -36,9 +36,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicom_node.audit import Transfers
 from dicom_node.errors import STATUS_PROCESSING_FAILURE, NodeError, QueryRetrieveError
-from dicom_node.net.scp import MAX_PDU_SIZE, STORAGE_PREFERENCE, UNCOMPRESSED, store_from_event
+from dicom_node.net.receive import store_from_event
+from dicom_node.net.scp import MAX_PDU_SIZE, STORAGE_PREFERENCE, UNCOMPRESSED
 from dicom_node.net.scu import DestinationLike, describe
+from dicom_node.net.tls import destination_context
 from dicom_node.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,8 @@ class RetrieveResult:
     comment: str = ""
     stored: int = 0
     store_failures: dict[str, str] = field(default_factory=dict)
+    transfers: Transfers = field(default_factory=Transfers)
+    """C-GET: what the node stored, per study (for the audit trail)."""
 
     @property
     def complete(self) -> bool:
@@ -174,14 +179,19 @@ def _associate(
     ae: AE, peer: DestinationLike, what: str, handlers: list[Any] | None = None, **kwargs: Any
 ) -> Association:
     connected = _Connected()
+    tls = getattr(peer, "tls", None)  # a configured destination's DICOM TLS settings (#12)
+    ctx = destination_context(tls) if tls is not None else None
     assoc = ae.associate(
         peer.host,
         peer.port,
         ae_title=peer.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, connected.on_open), *(handlers or [])],
+        tls_args=(ctx, peer.host) if ctx is not None else None,
         **kwargs,
     )
     if not assoc.is_established:
+        if ctx is not None and ctx.handshake_error and not connected.yes:
+            raise QueryRetrieveError(f"{what} {describe(peer)}: TLS: {ctx.handshake_error}")
         raise _not_established(assoc, peer, what, connected.yes)
     return assoc
 
@@ -358,7 +368,9 @@ class _GetReceiver:
         uid = _value_text(getattr(event.request, "AffectedSOPInstanceUID", "")) or "?"
         try:
             # streamed to a file in serve (STORE_RECV_CHUNKED_DATASET), checked in full
-            store_from_event(self.store, event, calling_aet=self.calling_aet, peer=self.peer)
+            stored = store_from_event(
+                self.store, event, calling_aet=self.calling_aet, peer=self.peer
+            )
         except NodeError as exc:
             log.warning(
                 "C-GET instance %s from %s refused with 0x%04X: %s", uid, self.peer, exc.status, exc
@@ -370,6 +382,13 @@ class _GetReceiver:
             self.result.store_failures[uid] = f"{type(exc).__name__}: {exc}"
             return STATUS_PROCESSING_FAILURE
         self.result.stored += 1
+        self.result.transfers.add(
+            stored.study_instance_uid,
+            stored.sop_class_uid,
+            patient_id=stored.patient_id,
+            issuer=stored.issuer_of_patient_id,
+            duplicate=stored.duplicate,
+        )
         return STATUS_SUCCESS
 
 

@@ -2,26 +2,27 @@
 
 Other SOP classes are refused at association negotiation; who may associate is decided by
 :mod:`dicom_node.net.associations` (called and calling AE titles, host pins, a limit on
-established associations). Received datasets are streamed by pynetdicom straight into a file
-in the store's staging folder (``_config.STORE_RECV_CHUNKED_DATASET``, see
-:func:`route_received_files`), so memory does not grow with the instance. Each C-STORE is
-one call of :meth:`Store.store_received` on that file (the bytes as received, never
-re-encoded), checked against the request's presentation context; a :class:`NodeError` becomes
-its DIMSE failure status with an Error Comment saying why. While an instance arrives, the
-association is aborted when it runs past twice ``storage.max_instance_mb`` or the disk drops
-below ``storage.min_free_mb`` (up to that, a too-large instance is received and refused with
-status 0xA701, so the sender can show why). One log line per association.
+established associations; over TLS also the calling-AE/certificate binding). Received datasets
+are streamed to files in the store's staging folder and stored through
+:func:`dicom_node.net.receive.store_from_event`: the bytes as received, never re-encoded,
+checked in full against the request's presentation context; a :class:`NodeError` becomes its
+DIMSE failure status with an Error Comment saying why. A watchdog aborts a transfer that runs
+past twice ``storage.max_instance_mb`` (up to that a too-large instance is received and
+refused with status 0xA701, so the sender can show why) or while the disk is below
+``storage.min_free_mb``. One log line per association.
+
+Two listeners share one application entity (so the access rules and the association limit
+cover both): the plain one on ``node.port`` (off when it is null) and, with ``node.tls``, the
+TLS one (:mod:`dicom_node.net.tls_listener`). The TLS additions (the calling-AE/certificate
+binding) and the audit records of every association are kept in the marked helpers below.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -31,24 +32,43 @@ from pydicom.uid import (
     EnhancedMRImageStorage,
     MRImageStorage,
 )
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, evt
 
+from dicom_node import audit, metrics
 from dicom_node.config import NodeConfig
-from dicom_node.errors import (
-    STATUS_PROCESSING_FAILURE,
-    NetworkError,
-    NodeError,
-)
+from dicom_node.config_security import TlsServerSection
+from dicom_node.errors import STATUS_PROCESSING_FAILURE, NetworkError, NodeError
 from dicom_node.net.associations import (
     MAX_PENDING_CONNECTIONS,
+    REJECT_CALLING_AET,
     AccessPolicy,
     AssociationRecord,
     Associations,
+    Refusal,
+    ending,
     log_summary,
 )
+from dicom_node.net.certs import check_server_files
+from dicom_node.net.receive import (
+    bytes_arriving,
+    discard_partial_dataset,
+    failure,
+    route_received_files,
+    store_from_event,
+    sweep_staging,
+    unroute_received_files,
+)
+from dicom_node.net.tls import (
+    PROFILE_NAME,
+    ContextChange,
+    ServerContextSource,
+    subject_matches,
+    tls_peer,
+)
+from dicom_node.net.tls_listener import start_tls_server
 from dicom_node.net.transport import guard_server
-from dicom_node.storage.fsutil import unlink_quietly
-from dicom_node.storage.store import MB, Expected, Store, StoredInstance
+from dicom_node.states import AssociationResult, CheckSeverity, Listener, StoreResult
+from dicom_node.storage.store import MB, Store
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +105,6 @@ LOSSY = TRANSFER_SYNTAXES[9:]
 STORAGE_PREFERENCE: tuple[str, ...] = LOSSLESS_COMPRESSED + UNCOMPRESSED + LOSSY
 
 MAX_PDU_SIZE = 262_144
-ERROR_COMMENT_LENGTH = 64
-"""Error Comment is an LO value: at most 64 characters."""
 ABORT_FACTOR = 2
 """An instance still arriving at this multiple of ``storage.max_instance_mb`` is aborted."""
 WATCH_INTERVAL = 1.0
@@ -96,27 +114,20 @@ PENDING_HEADROOM = 2 * MAX_PENDING_CONNECTIONS
 connections still waiting to send their request, which the node counts separately."""
 
 
-def failure(status: int, comment: str) -> Dataset:
-    """A C-STORE response status with its Error Comment."""
-    rsp = Dataset()
-    rsp.Status = status
-    text = "".join(c if " " <= c <= "~" else "?" for c in comment)
-    rsp.ErrorComment = text[:ERROR_COMMENT_LENGTH]
-    return rsp
-
-
 class StorageSCP:
-    """pynetdicom server bound to one :class:`Store`; reconfigurable while running."""
+    """pynetdicom servers bound to one :class:`Store`; reconfigurable while running."""
 
     def __init__(self, config: NodeConfig, store: Store) -> None:
         """Prepare the application entity from ``config`` (nothing listens until start())."""
         self._config = config
         self._store = store
         self._server: Any = None
+        self._tls_server: Any = None
+        self._tls_source = self._make_tls_source(config)
         self.associations = Associations()
+        self._policy = AccessPolicy.from_config(config.node)
         self._watching = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._policy = AccessPolicy.from_config(config.node)
         ae = AE(ae_title=config.node.ae_title)
         ae.add_supported_context(VERIFICATION, list(UNCOMPRESSED[:3]))
         for sop_class in STORAGE_SOP_CLASSES:
@@ -138,14 +149,16 @@ class StorageSCP:
         self._ae.require_calling_aet = list(node.calling_aets)
         self._ae.maximum_associations = node.max_associations + PENDING_HEADROOM
         self._ae.ae_title = node.ae_title
-        if self._server is not None:
-            self._server.ae_title = node.ae_title
+        for server in self._listeners():
+            server.ae_title = node.ae_title
         self._config = config
 
     def reload(self, config: NodeConfig) -> None:
         """Apply a new config: access rules, own AE title, association limit (no restart)."""
         old = self._config.node
         self._apply(config)
+        if self._tls_source is not None and config.node.tls is not None:
+            self._tls_source.update(config.node.tls)
         new = config.node
         if (old.allowed_calling_aets, old.calling_aet_hosts) != (
             new.allowed_calling_aets,
@@ -154,18 +167,61 @@ class StorageSCP:
             _log_access(config)
 
     @property
-    def port(self) -> int:
-        """The TCP port actually listened on (useful with port 0)."""
+    def port(self) -> int | None:
+        """The plain TCP port actually listened on (None when the plain listener is off)."""
         if self._server is None:
             return self._config.node.port
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS port actually listened on (None without ``node.tls``)."""
+        if self._tls_server is not None:
+            return int(self._tls_server.server_address[1])
+        return self._config.node.tls.port if self._config.node.tls else None
+
+    def _listeners(self) -> list[Any]:
+        return [s for s in (self._server, self._tls_server) if s is not None]
+
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Listen on node.host:node.port in background threads."""
+        """Listen on node.host:node.port (and node.tls.port) in background threads."""
         node = self._config.node
         route_received_files(self._store.staging)
-        handlers: list[Any] = [
+        if node.port is not None:
+            self._server = self._listen(node.port, self._handlers())
+            guard_server(self._server, timeout=node.network_timeout_seconds)
+        if node.tls is not None and self._tls_source is not None:
+            self._tls_server = self._listen(node.tls.port, self._handlers(), tls=True)
+            self._tls_source.start()
+        self._watching.clear()
+        self._watcher = threading.Thread(
+            target=self._watch_transfers, name="scp-transfer-watch", daemon=True
+        )
+        self._watcher.start()
+        _log_access(self._config)
+        log.info(
+            "listening as AE %r on %s, port %s plain, %s TLS (max %d associations), storing "
+            "under %s",
+            node.ae_title,
+            node.host,
+            self.port or "no",
+            self.tls_port or "no",
+            node.max_associations,
+            self._store.root,
+        )
+        if node.tls is not None:
+            log.info(
+                "TLS port %d: %s, client certificate %s, %d calling AE title(s) bound to "
+                "certificates",
+                self.tls_port,
+                PROFILE_NAME,
+                "required" if node.tls.require_client_certificate else "optional",
+                len(node.tls.calling_aet_subjects),
+            )
+
+    def _handlers(self) -> list[Any]:
+        return [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_open),
@@ -176,33 +232,30 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_outcome, ["aborted"]),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
+
+    def _listen(self, port: int, handlers: list[Any], *, tls: bool = False) -> Any:
+        node = self._config.node
+        address = (node.host, port)
         try:
-            self._server = self._ae.start_server(
-                (node.host, node.port),
-                block=False,
-                evt_handlers=handlers,
-                ae_title=node.ae_title,
+            if tls and self._tls_source is not None:
+                return start_tls_server(
+                    self._ae,
+                    address,
+                    ae_title=node.ae_title,
+                    evt_handlers=handlers,
+                    source=self._tls_source,
+                    handshake_timeout=node.network_timeout_seconds,
+                    on_refused=self._on_tls_refused,
+                )
+            return self._ae.start_server(
+                address, block=False, evt_handlers=handlers, ae_title=node.ae_title
             )
         except OSError as exc:
-            raise NetworkError(f"cannot listen on {node.host}:{node.port}: {exc}") from exc
-        guard_server(self._server, timeout=node.network_timeout_seconds)
-        self._watching.clear()
-        self._watcher = threading.Thread(
-            target=self._watch_transfers, name="scp-transfer-watch", daemon=True
-        )
-        self._watcher.start()
-        _log_access(self._config)
-        log.info(
-            "listening as AE %r on %s:%d (max %d associations), storing under %s",
-            node.ae_title,
-            node.host,
-            self.port,
-            node.max_associations,
-            self._store.root,
-        )
+            self.stop(graceful=False)  # a listener already started must not linger
+            raise NetworkError(f"cannot listen on {node.host}:{port}: {exc}") from exc
 
     def active_associations(self) -> int:
-        """Number of established associations in progress."""
+        """Number of established associations in progress (both listeners)."""
         return self.associations.established
 
     def stop(self, graceful: bool = True, timeout: float | None = None) -> bool:
@@ -210,17 +263,21 @@ class StorageSCP:
 
         Returns True when no association had to be aborted.
         """
-        server, self._server = self._server, None
-        if server is None:
-            return True
-        server.shutdown()  # closes the listening socket: no new associations
+        servers = self._listeners()
+        self._server = self._tls_server = None
+        if self._tls_source is not None:
+            self._tls_source.stop()
         self._watching.set()
+        if not servers:
+            return True
+        for server in servers:
+            server.shutdown()  # closes the listening socket: no new associations
         unroute_received_files(self._store.staging)
         if timeout is None:
             timeout = self._config.node.shutdown_timeout_seconds
         deadline = time.monotonic() + (timeout if graceful else 0.0)
         active = []
-        for assoc in server.active_associations:
+        for assoc in [a for server in servers for a in server.active_associations]:
             if self.associations.record(assoc).requested:
                 active.append(assoc)
             else:  # a connection that never asked for an association: nothing in flight
@@ -231,8 +288,9 @@ class StorageSCP:
             assoc.join(max(0.0, deadline - time.monotonic()))
         remaining = [a for a in active if a.is_alive()]
         for assoc in remaining:
-            rec = self.associations.record(assoc)
-            log.warning("aborting association from %s at shutdown", rec.peer)
+            log.warning(
+                "aborting association from %s at shutdown", self.associations.record(assoc).peer
+            )
             self.associations.node_aborts(assoc, "shutdown")
             assoc.abort()
         log.info("listener stopped")
@@ -241,25 +299,42 @@ class StorageSCP:
     # -- event handlers (run in association threads) ------------------------------------
     def _on_open(self, event: Any) -> None:
         oldest = self.associations.opened(event.assoc)
+        self._note_tls(event.assoc, self.associations.record(event.assoc))
         if oldest is not None:
             log.warning("too many connections without an association request: dropping one")
             _end_wait_for_request(oldest)
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
-        refusal = self.associations.admit(assoc, self._policy)
+        rec = self.associations.record(assoc)
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        binding = self._binding_refusal(calling, rec)
+        refusal = self.associations.admit(
+            assoc, self._policy, Refusal(REJECT_CALLING_AET, binding) if binding else None
+        )
         if refusal is None:
             return
         assoc.acse.send_reject(*refusal.reject)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
-        assoc.kill()
+        assoc.kill()  # as pynetdicom after its own rejections: the RJ is sent, the DUL ends
+        self._rejected(rec, refusal.reason)  # pynetdicom fires no EVT_REJECTED for this
 
     def _on_outcome(self, event: Any, outcome: str) -> None:
+        rec = self.associations.record(event.assoc)
         self.associations.set_outcome(event.assoc, outcome)
+        if outcome == "rejected":  # by pynetdicom's own checks (the backstop)
+            self._rejected(rec, _reject_reason(event.assoc))
+        elif outcome == "accepted":
+            self._audit_start(rec, accepted=True, reason="accepted")
+
+    def _rejected(self, rec: AssociationRecord, reason: str) -> None:
+        if rec.refusal is None:
+            rec.refusal = reason
+        metrics.association_ended(AssociationResult.REJECTED)
+        self._audit_start(rec, accepted=False, reason=rec.refusal)
 
     def _on_close(self, event: Any) -> None:
         assoc = event.assoc
-        _discard_partial_dataset(assoc)
+        discard_partial_dataset(assoc)
         rec = self.associations.closed(assoc)
         if rec is None:
             return
@@ -268,7 +343,13 @@ class StorageSCP:
             # the ACSE timeout: a closed probe (a TCP health check) ends that wait at once.
             _end_wait_for_request(assoc)
         log_summary(rec, assoc)
-        if rec.requested:
+        if rec.requested and rec.refusal is None:
+            how = ending(rec, assoc)
+            released = how == AssociationResult.RELEASED
+            metrics.association_ended(
+                AssociationResult.RELEASED if released else AssociationResult.ABORTED
+            )
+            self._audit_end(rec, how)
             sweep_staging(self._store.staging, self._config.node.network_timeout_seconds)
 
     def _watch_transfers(self) -> None:
@@ -276,15 +357,12 @@ class StorageSCP:
         any transfer while the disk is below ``storage.min_free_mb`` (a thread of its own, so
         receiving costs nothing per PDU)."""
         while not self._watching.wait(WATCH_INTERVAL):
-            server = self._server
-            if server is None:
-                continue
             try:
                 free: int | None = shutil.disk_usage(self._store.root).free
             except OSError:
                 free = None
-            for assoc in list(server.active_associations):
-                size = _bytes_arriving(assoc)
+            for assoc in [a for server in self._listeners() for a in server.active_associations]:
+                size = bytes_arriving(assoc)
                 if size is None:
                     continue
                 reason = None
@@ -308,19 +386,31 @@ class StorageSCP:
 
     def _on_store(self, event: Any) -> int | Dataset:
         rec = self.associations.record(event.assoc)
+        t0 = time.perf_counter()
         try:
             stored = store_from_event(
                 self._store, event, calling_aet=rec.calling_aet, peer=rec.peer
             )
         except NodeError as exc:
+            metrics.instance_received(StoreResult.FAILED, time.perf_counter() - t0)
             return self._refused(rec, exc.status, str(exc), exc)
         except Exception as exc:
+            metrics.instance_received(StoreResult.FAILED, time.perf_counter() - t0)
             log.exception("C-STORE from AE %r at %s: unexpected error", rec.calling_aet, rec.peer)
             return self._refused(rec, STATUS_PROCESSING_FAILURE, "internal error", exc)
+        result = StoreResult.DUPLICATE if stored.duplicate else StoreResult.STORED
+        metrics.instance_received(result, time.perf_counter() - t0, stored.size)
         rec.instances += 1
         rec.bytes += stored.size
         rec.duplicates += stored.duplicate
         rec.replaced += stored.replaced
+        rec.transfers.add(
+            stored.study_instance_uid,
+            stored.sop_class_uid,
+            patient_id=stored.patient_id,
+            issuer=stored.issuer_of_patient_id,
+            duplicate=stored.duplicate,
+        )
         return 0x0000
 
     def _refused(
@@ -337,97 +427,72 @@ class StorageSCP:
             )
         return failure(status, why)
 
+    # -- TLS: the listener's context, the calling-AE/certificate binding (issue #12) --------
+    def _make_tls_source(self, config: NodeConfig) -> ServerContextSource | None:
+        if config.node.tls is None:
+            return None
+        source = ServerContextSource(config.node.tls, on_change=self._on_certificate_change)
+        _log_certificate_findings(config.node.tls)
+        return source
 
-def store_from_event(store: Store, event: Any, *, calling_aet: str, peer: str) -> StoredInstance:
-    """Store the dataset of a C-STORE event (a Storage SCP's, or a C-GET's sub-operation),
-    checked against the event's presentation context: from the file pynetdicom streamed it
-    into (``STORE_RECV_CHUNKED_DATASET``, as in ``serve``), else from memory. Raises a
-    :class:`NodeError` (its DIMSE status) when refused."""
-    try:
-        path = event.dataset_path  # the file pynetdicom streamed the dataset into
-    except AttributeError:
-        path = None
-    expected = _expected(event)
-    if path is None:
-        encoded = event.encoded_dataset(include_meta=True)
-        return store.store_encoded(encoded, calling_aet=calling_aet, peer=peer, expected=expected)
-    staged = Path(path)
-    with _staging_lock:
-        _in_use.add(staged)
-    try:
-        return store.store_received(staged, expected=expected, calling_aet=calling_aet, peer=peer)
-    finally:
-        unlink_quietly(staged)  # normally renamed into storage already
-        with _staging_lock:
-            _in_use.discard(staged)
+    def _note_tls(self, assoc: Any, rec: AssociationRecord) -> None:
+        sock = getattr(getattr(assoc, "dul", None), "socket", None)
+        rec.tls = tls_peer(getattr(sock, "socket", None))
+        rec.listener = Listener.TLS if rec.tls is not None else Listener.PLAIN
 
+    def _binding_refusal(self, calling: str, rec: AssociationRecord) -> str | None:
+        """Why ``calling`` may not use this connection under node.tls.calling_aet_subjects."""
+        tls = self._config.node.tls
+        bound = tls.calling_aet_subjects if tls is not None else {}
+        if not bound:
+            return None
+        if rec.tls is None:
+            if calling in bound:
+                return f"calling AE {calling!r} is bound to a certificate: it must use TLS"
+            return None
+        if calling not in bound:
+            return f"calling AE {calling!r} is not in node.tls.calling_aet_subjects"
+        if not subject_matches(bound[calling], rec.tls.certificate):
+            return f"certificate {rec.tls.subject!r} is not bound to calling AE {calling!r}"
+        return None
 
-def sweep_staging(staging: Path, idle_seconds: float) -> int:
-    """Remove received files no transfer writes to any more: pynetdicom leaves the file of a
-    dataset behind when an association ends abnormally mid-transfer. A transfer in progress
-    writes at least every ``idle_seconds`` (``node.network_timeout_seconds``, else it is
-    aborted); files being stored are skipped. Returns the number removed."""
-    cutoff = time.time() - idle_seconds
-    removed = 0
-    for path in staging.glob("tmp*.dcm"):
-        with _staging_lock:
-            busy = path in _in_use
-        try:
-            stale = not busy and path.stat().st_mtime < cutoff
-        except FileNotFoundError:
-            continue
-        if stale:
-            unlink_quietly(path)
-            removed += 1
-    if removed:
-        log.warning(
-            "removed %d partial transfer(s) left in %s by aborted associations", removed, staging
+    def _on_tls_refused(self, peer: str, reason: str) -> None:
+        log.warning("TLS connection from %s refused: %s", peer, reason)
+        trail = audit.trail(self._config)
+        trail.node_authentication_failure(peer=peer, reason=reason, listener=Listener.TLS)
+
+    def _on_certificate_change(self, change: ContextChange) -> None:
+        trail = audit.trail(self._config)
+        trail.certificate_change(applied=change.applied, reason=change.reason, files=change.files)
+        if change.applied and self._tls_source is not None:
+            _log_certificate_findings(self._tls_source.config)
+
+    # -- audit records of associations (issue #12) ------------------------------------------
+    def _calling(self, rec: AssociationRecord) -> audit.Participant:
+        address, _, port = rec.peer.rpartition(":")
+        subject = rec.tls.subject if rec.tls is not None else None
+        return audit.Participant(
+            rec.calling_aet, True, "application", address, int(port), tls_subject=subject
         )
-    return removed
 
+    def _audit_start(self, rec: AssociationRecord, *, accepted: bool, reason: str) -> None:
+        audit.trail(self._config).association_start(
+            calling=self._calling(rec),
+            called_aet=self._config.node.ae_title,
+            accepted=accepted,
+            reason=reason,
+            listener=rec.listener,
+        )
 
-_staging_dirs: list[Path] = []
-_in_use: set[Path] = set()
-_staging_lock = threading.Lock()
-
-
-def _received_file(*args: Any, **kwargs: Any) -> Any:
-    """pynetdicom's temporary file for a received dataset, made in the staging folder of the
-    listener started last in this process (owner-only, as mkstemp makes it)."""
-    with _staging_lock:
-        folder = _staging_dirs[-1] if _staging_dirs else None
-    if folder is not None:
-        kwargs.setdefault("dir", folder)
-    return tempfile.NamedTemporaryFile(*args, **kwargs)
-
-
-def route_received_files(staging: Path) -> None:
-    """Have pynetdicom stream received datasets to files in ``staging`` (on the storage
-    disk, so they are renamed into place, never copied; a crash leaves them to the store's
-    start-up sweep). pynetdicom makes these files with ``tempfile.NamedTemporaryFile`` in the
-    system's temporary folder; its module's name for that function is pointed here (a test
-    checks the files really land in ``staging``)."""
-    with _staging_lock:
-        _staging_dirs.append(staging)
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = _received_file  # type: ignore[attr-defined]
-
-
-def unroute_received_files(staging: Path) -> None:
-    """Undo :func:`route_received_files` for ``staging`` (a listener stopped)."""
-    with _staging_lock:
-        if staging in _staging_dirs:
-            _staging_dirs.remove(staging)
-
-
-def _expected(event: Any) -> Expected:
-    context = event.context
-    request = event.request
-    return Expected(
-        sop_class_uid=str(context.abstract_syntax),
-        transfer_syntax_uid=str(context.transfer_syntax),
-        request_sop_class_uid=str(request.AffectedSOPClassUID or ""),
-    )
+    def _audit_end(self, rec: AssociationRecord, how: str) -> None:
+        audit.trail(self._config).association_end(
+            calling=self._calling(rec),
+            called_aet=self._config.node.ae_title,
+            how=how,
+            transfers=rec.transfers,
+            failed=rec.failed,
+            listener=rec.listener,
+        )
 
 
 def _end_wait_for_request(assoc: Any) -> None:
@@ -438,27 +503,6 @@ def _end_wait_for_request(assoc: Any) -> None:
         queue.put(None)
 
 
-def _bytes_arriving(assoc: Any) -> int | None:
-    """Bytes of the dataset ``assoc`` is receiving now (None when it receives none)."""
-    message = getattr(getattr(assoc, "dimse", None), "message", None)
-    handle = getattr(message, "_data_set_file", None)
-    try:
-        return None if handle is None else os.fstat(handle.fileno()).st_size
-    except (OSError, ValueError):
-        return None
-
-
-def _discard_partial_dataset(assoc: Any) -> None:
-    """Remove the staged file of a dataset whose transfer never completed (aborted)."""
-    message = getattr(getattr(assoc, "dimse", None), "message", None)
-    handle = getattr(message, "_data_set_file", None)
-    path = getattr(message, "_data_set_path", None)
-    if handle is not None:
-        handle.close()
-    if path is not None:
-        unlink_quietly(Path(path))
-
-
 def _log_access(config: NodeConfig) -> None:
     node = config.node
     if node.accepts_any_caller:
@@ -467,3 +511,26 @@ def _log_access(config: NodeConfig) -> None:
         log.info("allowed calling AE titles: %s", ", ".join(node.calling_aets))
     for aet, hosts in node.calling_aet_hosts.items():
         log.info("calling AE %r is accepted only from %s", aet, ", ".join(hosts))
+
+
+def _log_certificate_findings(cfg: TlsServerSection) -> None:
+    """Warn about what ``config check`` would warn about (expiry within 30 days, ...)."""
+    for finding in check_server_files(cfg):
+        if finding.severity != CheckSeverity.OK:
+            log.warning("TLS %s: %s", finding.where, finding.message)
+
+
+_REJECT_REASONS: dict[tuple[int, int, int], str] = {
+    (0x01, 0x01, 0x03): "calling AE title not recognised (node.allowed_calling_aets)",
+    (0x01, 0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x03, 0x02): "too many associations (node.max_associations)",
+    (0x02, 0x02, 0x01): "user identity not accepted",
+}
+
+
+def _reject_reason(assoc: Any) -> str:
+    """Why pynetdicom rejected an association, from its A-ASSOCIATE-RJ primitive."""
+    prim = getattr(assoc.acceptor, "primitive", None)
+    key = tuple(getattr(prim, k, None) for k in ("result", "result_source", "diagnostic"))
+    found = _REJECT_REASONS.get(key)  # type: ignore[arg-type]
+    return found or f"result {key[0]}, source {key[1]}, reason {key[2]}"

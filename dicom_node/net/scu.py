@@ -18,6 +18,11 @@ Sending (:func:`send_files`, :func:`send_datasets`):
   carrying ``sent``, ``failed`` (SOPInstanceUID or path -> reason) and ``attempts``.
 * One summary line per send at INFO (destination, instances, bytes, seconds, outcome); patient
   identifiers never appear at INFO.
+* With TLS settings (``SendOptions.tls``, a destination's ``tls`` section) every association is
+  DICOM over TLS with the BCP 195 non-downgrading profile (:mod:`dicom_node.net.tls`): the
+  peer's certificate is verified, its host name checked unless switched off, and a failed
+  handshake names its reason (unknown CA, host name mismatch, ...). The context is built from
+  the files for every send, so renewed certificates apply to the next send.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node import audit
+from dicom_node.config_security import DestinationTls
 from dicom_node.errors import NetworkError, SendError
+from dicom_node.net.tls import ClientContext, destination_context, tls_peer
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +109,13 @@ class _Item:
     transfer_syntax: UID
     path: Path | None = None
     dataset: Dataset | None = None
+    study: tuple[str, str, str] = ("", "", "")
+    """Study UID, patient ID and issuer: for the audit record of the send only."""
+
+
+def _study(ds: Dataset) -> tuple[str, str, str]:
+    keys = ("StudyInstanceUID", "PatientID", "IssuerOfPatientID")
+    return (str(ds.get(keys[0], "")), str(ds.get(keys[1], "")), str(ds.get(keys[2], "")))
 
 
 @dataclass
@@ -112,6 +127,8 @@ class _State:
     failures: dict[str, str] = field(default_factory=dict)
     attempts: int = 0
     bytes_sent: int = 0
+    transfers: audit.Transfers = field(default_factory=audit.Transfers)
+    peer_subject: str | None = None
 
 
 def describe(dest: DestinationLike) -> str:
@@ -136,9 +153,13 @@ class _Wire:
     per instance.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ClientContext | None = None) -> None:
         self.connected = False
         self.bytes_sent = 0
+        self.peer_subject: str | None = None
+        self.tls = tls
+        if tls is not None:
+            tls.handshake_error = None
 
     def handlers(self) -> list[EventHandlerType]:
         """pynetdicom ``evt_handlers`` for ``AE.associate``."""
@@ -147,6 +168,8 @@ class _Wire:
     def _on_open(self, event: evt.Event) -> None:
         self.connected = True
         sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        peer = tls_peer(sock)
+        self.peer_subject = peer.subject if peer is not None else None
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -159,6 +182,8 @@ class _Wire:
     def why_not_established(self, assoc: Association, dest: DestinationLike) -> tuple[str, bool]:
         """Why ``assoc`` was not established, and whether that is permanent."""
         if not self.connected:
+            if self.tls is not None and self.tls.handshake_error:
+                return f"TLS to {dest.host}:{dest.port} failed: {self.tls.handshake_error}", False
             return f"cannot connect to {dest.host}:{dest.port}", False
         if assoc.is_rejected:
             prim = assoc.acceptor.primitive
@@ -173,12 +198,30 @@ class _Wire:
         return "association not established (no answer)", False
 
 
-def echo(dest: DestinationLike, *, calling_aet: str, timeout: float = 10) -> None:
-    """C-ECHO ``dest``; raise :class:`NetworkError` unless it answers Success."""
+def _tls_args(dest: DestinationLike, ctx: ClientContext | None) -> tuple[ClientContext, str] | None:
+    return (ctx, dest.host) if ctx is not None else None
+
+
+def echo(
+    dest: DestinationLike,
+    *,
+    calling_aet: str,
+    timeout: float = 10,
+    tls: DestinationTls | None = None,
+) -> None:
+    """C-ECHO ``dest`` (over TLS with ``tls``); raise :class:`NetworkError` unless it answers
+    Success (:class:`~dicom_node.errors.TlsConfigError` when the TLS files are unusable)."""
     ae = _make_ae(calling_aet, timeout)
     ae.add_requested_context(Verification)
-    wire = _Wire()
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=wire.handlers())
+    ctx = destination_context(tls) if tls is not None else None
+    wire = _Wire(ctx)
+    assoc = ae.associate(
+        dest.host,
+        dest.port,
+        ae_title=dest.ae_title,
+        evt_handlers=wire.handlers(),
+        tls_args=_tls_args(dest, ctx),
+    )
     if not assoc.is_established:
         reason, _ = wire.why_not_established(assoc, dest)
         raise NetworkError(f"echo {describe(dest)} failed: {reason}")
@@ -207,6 +250,12 @@ class SendOptions:
     """Wait before retry n: ``backoff_seconds * 2**(n-1)``."""
     timeout: float = 30.0
     """ACSE, DIMSE, network and connection timeout of each association (seconds)."""
+    tls: DestinationTls | None = None
+    """DICOM TLS settings of the destination (None: plain DICOM)."""
+    audit: audit.AuditTrail | None = None
+    """Where to record what was sent (one instances-sent record per study and send)."""
+    requested_by: str | None = None
+    """The person who asked for the send (a CLI user), for the audit record."""
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.backoff_seconds < 0 or self.timeout <= 0:
@@ -251,6 +300,7 @@ def send_datasets(
                 series_uid=str(ds.get("SeriesInstanceUID", "")),
                 transfer_syntax=ts,
                 dataset=ds,
+                study=_study(ds),
             )
         )
     return _Sender(dest, options).run(items, {})
@@ -268,6 +318,7 @@ def _item_from_file(path: Path) -> _Item:
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         transfer_syntax=UID(ts),
         path=path,
+        study=_study(ds),
     )
 
 
@@ -295,6 +346,7 @@ class _Sender:
         self.dest = dest
         self.options = options
         self.state = _State()
+        self.tls = destination_context(options.tls) if options.tls is not None else None
 
     def run(self, items: list[_Item], unreadable: dict[str, str]) -> SendResult:
         """Send every series of ``items``; raise :class:`SendError` unless all acknowledged."""
@@ -320,6 +372,7 @@ class _Sender:
             warnings=state.warnings,
             failures=state.failures,
         )
+        self._audit(result)
         outcome = "ok" if not state.failures else "FAILED"
         if state.warnings:
             outcome += f" ({len(state.warnings)} with warnings)"
@@ -339,6 +392,24 @@ class _Sender:
             )
         log.info(summary)
         return result
+
+    def _audit(self, result: SendResult) -> None:
+        trail = self.options.audit
+        if trail is None:
+            return
+        dest = self.dest
+        peer = audit.Participant(
+            dest.ae_title, False, "destination", dest.host, dest.port, self.state.peer_subject
+        )
+        person = self.options.requested_by
+        trail.instances_sent(
+            sender_aet=self.options.calling_aet,
+            destination=peer,
+            transfers=self.state.transfers,
+            failed=result.failed,
+            reason=next(iter(result.failures.values()), ""),
+            requestor=audit.Participant(person, True, "user") if person else None,
+        )
 
     def _series(self, series_uid: str, pending: dict[str, _Item]) -> None:
         """Send one series, retrying the instances not yet acknowledged."""
@@ -371,13 +442,14 @@ class _Sender:
         """
         dest = self.dest
         ae = _make_ae(self.options.calling_aet, self.options.timeout)
-        wire = _Wire()
+        wire = _Wire(self.tls)
         assoc = ae.associate(
             dest.host,
             dest.port,
             contexts=_contexts(pending.values()),
             ae_title=dest.ae_title,
             evt_handlers=wire.handlers(),
+            tls_args=_tls_args(dest, self.tls),
         )
         if not assoc.is_established:
             reason, permanent = wire.why_not_established(assoc, dest)
@@ -386,6 +458,7 @@ class _Sender:
                 reasons[sop_uid] = reason
             self.state.bytes_sent += wire.bytes_sent
             return permanent
+        self.state.peer_subject = wire.peer_subject
         for sop_uid in pending:
             reasons[sop_uid] = "association ended before it was sent"
         try:
@@ -430,6 +503,8 @@ class _Sender:
                 self.state.warnings[uid] = status
             del pending[uid]
             self.state.acked.append(uid)
+            study, patient, issuer = item.study
+            self.state.transfers.add(study, item.sop_class, patient_id=patient, issuer=issuer)
             return
         reason = f"status 0x{status:04X}" + (f" ({comment})" if comment else "")
         if is_permanent_failure(status):

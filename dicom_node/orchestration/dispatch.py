@@ -5,7 +5,9 @@ The worker writes a job's derived files and their manifest before anything is se
 ``routing.send_to`` has a send row with its own attempts and exponential backoff
 (:mod:`dicom_node.orchestration.jobs.sends`); every instance a destination acknowledges is
 recorded and never sent to it again; a send with any instance not acknowledged is a failed
-attempt. A destination receives only the kinds in ``destinations.<name>.send``.
+attempt. A destination receives only the kinds in ``destinations.<name>.send``, over DICOM TLS
+when it has a ``tls`` section; every send is recorded in the audit trail (instances-sent, one
+record per study).
 
 Send rows are claimed like jobs, so the scheduler and idle workers can all run
 :func:`retry_due_sends`.
@@ -21,8 +23,9 @@ from contextlib import contextmanager
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import audit
 from dicom_node.config import Destination, NodeConfig
-from dicom_node.errors import NetworkError, SendError
+from dicom_node.errors import ConfigError, NetworkError, SendError
 from dicom_node.net import scu
 from dicom_node.orchestration.jobs import Settings, finish_if_sent
 from dicom_node.orchestration.jobs import sends as send_rows
@@ -113,7 +116,12 @@ def _send_by_kind(
             result = scu.send_files(
                 dest,
                 [f.path for f in batch],
-                options=scu.SendOptions(calling_aet=config.node.ae_title, retries=0),
+                options=scu.SendOptions(
+                    calling_aet=config.node.ae_title,
+                    retries=0,
+                    tls=dest.tls,
+                    audit=audit.trail(config),
+                ),
             )
             send_rows.record_acks(sessions, send_id, result.sop_instance_uids)
         except SendError as exc:
@@ -125,7 +133,7 @@ def _send_by_kind(
             if exc.sent and ok:
                 send_rows.record_acks(sessions, send_id, ok)
             return f"{kind}: {exc}"
-        except NetworkError as exc:
+        except (NetworkError, ConfigError) as exc:  # ConfigError: unusable TLS files
             return f"{kind}: {exc}"
         except Exception as exc:  # a broken send must not kill the caller's loop
             log.exception("send %d to %s crashed", send_id, dest.ae_title)

@@ -65,6 +65,11 @@ class EmbeddedWorker:
         """Process id of the running worker, if any."""
         return None if self._proc is None else self._proc.pid
 
+    @property
+    def alive(self) -> bool:
+        """The worker process is running (the console's readiness check asks)."""
+        return self._proc is not None and self._proc.poll() is None
+
     def start(self) -> None:
         """Start the worker process (it logs to the same standard error as serve)."""
         self._stopping = False

@@ -42,6 +42,7 @@ from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import audit
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.errors import QueryRetrieveError, UsageError
 from dicom_node.models import Prefetch, PrefetchEvent, Retrieval, utcnow
@@ -382,7 +383,7 @@ def _call_retrieve(
         )
     if store is None:
         raise QueryRetrieveError("C-GET needs the node's store (run inside dicom-node serve)")
-    return qr.get_series(
+    result = qr.get_series(
         peer,
         study_uid=study_uid,
         series_uid=series_uid,
@@ -391,6 +392,13 @@ def _call_retrieve(
         options=options,
         progress=beat,
     )
+    audit.trail(config).instances_retrieved(
+        source_aet=peer.ae_title,
+        peer=f"{peer.host}:{peer.port}",
+        destination_aet=config.node.ae_title,
+        transfers=result.transfers,
+    )
+    return result
 
 
 def _retrieve(
@@ -499,7 +507,10 @@ def _query_and_retrieve(
     try:
         found = query_pacs(peer, options, ct, float(config.pairing.max_days_between))
     except QueryRetrieveError as exc:
+        _audit_query(config, peer, ct, ok=False, text=f"query failed: {exc}")
         return _retry_or_fail(sessions, config, run, f"query failed: {exc}")
+    found_text = f"{found.studies} MR studies, {len(found.candidates)} series found"
+    _audit_query(config, peer, ct, ok=True, text=found_text)
     with sessions() as session:
         chosen = _record_query(session, config, run, ct, found)
         if not chosen:
@@ -523,6 +534,20 @@ def _query_and_retrieve(
         _finish(session, run, PrefetchState.RETRIEVED, reason, retry_at=None)
         session.commit()
     return PrefetchState.RETRIEVED
+
+
+def _audit_query(
+    config: NodeConfig, peer: Destination, ct: pairing.SeriesInfo, *, ok: bool, text: str
+) -> None:
+    audit.trail(config).query(
+        calling_aet=config.node.ae_title,
+        called_aet=peer.ae_title,
+        peer=f"{peer.host}:{peer.port}",
+        ok=ok,
+        text=text,
+        patient_id=ct.patient_id,
+        issuer=ct.issuer,
+    )
 
 
 def run_due(

@@ -33,19 +33,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import NodeConfig
-from dicom_node.config_watch import ConfigWatcher
-from dicom_node.errors import NodeError, SourceSeriesMissingError
+from dicom_node.config import NodeConfig, read_config_file
+from dicom_node.config_watcher import ConfigWatcher
+from dicom_node.errors import ConfigError, NodeError, SourceSeriesMissingError
 from dicom_node.models import Job
 from dicom_node.orchestration import dispatch, jobs
 from dicom_node.states import STAGE_JOB_STATE, JobState, Stage
-from dicom_node.storage.derived import DerivedFile, job_dir, read_manifest, write_job_outputs
+from dicom_node.storage.derived import (
+    PREVIEW,
+    DerivedFile,
+    job_dir,
+    read_manifest,
+    write_job_outputs,
+)
 from dicom_node.storage.store import series_paths
+
+if TYPE_CHECKING:
+    from dicom_node.imaging.pipeline import PipelineResult
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +146,29 @@ def compute(ctx: Context, job: Job, folder: Path, tracker: _StageTracker) -> lis
         "warnings": list(result.warnings),
         "quality": result.quality_info(),
     }
-    return write_job_outputs(folder, result.datasets, info)
+    files = write_job_outputs(folder, result.datasets, info)
+    _write_preview(folder, job.id, result, config)
+    return files
+
+
+def _write_preview(folder: Path, job_id: int, result: PipelineResult, config: NodeConfig) -> None:
+    """The job's preview PNG for the admin console; a failure costs the picture, not the job.
+
+    Rendered under a temporary name and renamed, so the console never shows half a picture.
+    """
+    from dicom_node.imaging.offline import write_result_preview
+    from dicom_node.imaging.pipeline import PipelineSettings
+
+    t0 = time.monotonic()
+    tmp = folder / f".{PREVIEW}.tmp.png"
+    try:
+        write_result_preview(tmp, result, PipelineSettings.from_config(config))
+        os.replace(tmp, folder / PREVIEW)
+    except Exception:
+        log.exception("job %d: preview picture not written", job_id)
+        tmp.unlink(missing_ok=True)
+        return
+    log.info("job %d: preview written in %.1f s", job_id, time.monotonic() - t0)
 
 
 def _load_job(ctx: Context, job_id: int) -> Job | None:
@@ -326,6 +358,15 @@ def _run_loop(loop: _Loop, max_jobs: int | None) -> None:
         delay = DB_RETRY_FIRST
 
 
+def _file_config(path: Path, fallback: NodeConfig) -> NodeConfig:
+    """The config file as it reads now; ``fallback`` (logged) when it is invalid."""
+    try:
+        return read_config_file(path)
+    except ConfigError as exc:
+        log.error("config file invalid at worker start, using the last good config:\n%s", exc)
+        return fallback
+
+
 def main(
     config: NodeConfig,
     config_file: Path | None = None,
@@ -351,8 +392,11 @@ def main(
     watcher: ConfigWatcher | None = None
     if config_file is not None and Path(config_file).exists():
         if signature is None:
+            # The file may have changed since this process was spawned (the console saves
+            # within seconds of a start): the watcher's baseline must be the file as it reads now.
+            config = _file_config(Path(config_file), config)
             watcher = ConfigWatcher(Path(config_file), config)
-        else:
+        else:  # from serve, with the signature of the content `config` came from
             watcher = ConfigWatcher(Path(config_file), config, signature=signature)
         watcher.start()
     source: Callable[[], NodeConfig] = (lambda: watcher.current) if watcher else (lambda: config)

@@ -23,6 +23,9 @@ from dicom_node.storage.fsutil import fsync_dir, make_dirs, write_durably, write
 
 MANIFEST = "manifest.json"
 DERIVED_DIR = "derived"
+PREVIEW = "preview.png"
+"""The fusion's preview picture (CT, registered MR, fused, checkerboard) in a job's folder;
+written after the manifest, for people only (never sent, not listed in the manifest)."""
 
 
 @dataclass(frozen=True)

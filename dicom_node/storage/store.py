@@ -98,6 +98,9 @@ class StoredInstance:
     sha256: str
     duplicate: bool
     replaced: bool = False
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    """The patient, for the audit trail (which keeps only a keyed hash of it)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class _Received:
             self.checked.sha256,
             duplicate=duplicate,
             replaced=replaced,
+            patient_id=h.patient.patient_id,
+            issuer_of_patient_id=h.patient.issuer,
         )
 
 

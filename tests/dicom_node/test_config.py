@@ -5,24 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
-from dicom_node.config import (
-    ENV_VAR,
-    NodeConfig,
-    load_config,
-    read_config_file,
-)
+from dicom_node.config import ENV_VAR, NodeConfig, load_config, read_config_file
 from dicom_node.errors import EXIT_CONFIG, ConfigError
 from tests.peers import REPO
+from tests.support.config_files import write
 
 REPO_DEFAULT_CONFIG = REPO / "config" / "node.yaml"
-
-
-def write(path: Path, data: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
-    return path
 
 
 def test_embedded_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,7 +21,7 @@ def test_embedded_defaults_without_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert path == tmp_path / "config" / "node.yaml"
     assert cfg.node.ae_title == "FUSIONNODE"
     assert cfg.node.port == 11112
-    assert cfg.node.allowed_calling_aets == "ANY"
+    assert cfg.node.allowed_calling_aets == []
     assert cfg.node.accepts_any_caller and cfg.node.calling_aets == ()
     assert cfg.node.accept_any_called_aet is False
     assert cfg.storage.max_instance_mb == 2048
@@ -107,8 +96,8 @@ def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
         ({"node": {"ae_title": "BAD\\AE"}}, "node.ae_title", "not a valid AE title"),
         (
             {"node": {"allowed_calling_aets": ["OK", ""]}},
-            "node.allowed_calling_aets",
-            "entry 2: '' is not a valid AE title",
+            "node.allowed_calling_aets.1",
+            "at least 1",
         ),
         ({"node": {"aetitle": "X"}}, "node.aetitle", "unknown key"),
         ({"nodes": {}}, "nodes", "unknown key"),
@@ -225,7 +214,7 @@ def test_access_keys(tmp_path: Path) -> None:
     assert cfg.node.calling_aet_hosts == {"CT_SIM": ["10.1.2.3", "10.9.0.0/16", "ct.example"]}
     assert cfg.node.accept_any_called_aet is True
     # the old spelling of "anyone" still means anyone (a reload guards against it, see
-    # test_config_watch.py)
+    # test_config_watcher.py)
     empty, _ = load_config(write(tmp_path / "e.yaml", {"node": {"allowed_calling_aets": []}}))
     assert empty.node.accepts_any_caller
 

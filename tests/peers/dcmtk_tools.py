@@ -12,6 +12,18 @@ from tests.peers import dcmtk
 PEER_TIMEOUT = 60.0
 
 
+def tls_options(
+    certificate: Path | None, private_key: Path | None, ca_certificates: Path
+) -> list[str]:
+    """DCMTK options for DICOM TLS (its default profile: non-downgrading BCP 195): with our
+    certificate and key (``+tls``), or anonymous (``+tla``) when they are None; the peer's
+    certificate verified against ``ca_certificates``."""
+    trust = ["+cf", str(ca_certificates)]
+    if certificate is None or private_key is None:
+        return ["+tla", *trust]
+    return ["+tls", str(private_key), str(certificate), "-pw", *trust]
+
+
 def echoscu(
     port: int, *, calling: str, called: str, extra: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:

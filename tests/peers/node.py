@@ -20,6 +20,7 @@ import yaml
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit import read_log
 from dicom_node.config import NodeConfig, read_config_file
 from dicom_node.db import make_engine, session_factory
 from dicom_node.models import Job, Send
@@ -86,6 +87,19 @@ class NodeProcess:
         return int(self.config["node"]["port"])
 
     @property
+    def tls_port(self) -> int | None:
+        """The DICOM TLS port from the node's config (None without ``node.tls``)."""
+        tls = self.config["node"].get("tls")
+        return int(tls["port"]) if tls else None
+
+    @property
+    def listen_port(self) -> int:
+        """A port the node listens on: the plain one, else the TLS one."""
+        port = self.config["node"].get("port") or self.tls_port
+        assert port is not None, "node listens nowhere"
+        return int(port)
+
+    @property
     def storage(self) -> Path:
         """The storage root from the node's config."""
         return Path(self.config["storage"]["root"])
@@ -98,6 +112,16 @@ class NodeProcess:
     def node_config(self) -> NodeConfig:
         """The config as the node reads it."""
         return read_config_file(self.config_path)
+
+    def audit_path(self) -> Path:
+        """The node's audit log (JSON lines)."""
+        cfg = self.node_config()
+        return cfg.audit.paths(cfg.storage.root)[0]
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """Every record of the node's audit log so far (none before the first)."""
+        path = self.audit_path()
+        return read_log(path) if path.exists() else []
 
     def log(self) -> str:
         """Everything the process logged so far."""
@@ -174,7 +198,7 @@ def _wait_listening(node: NodeProcess) -> None:
     def ready() -> bool:
         if node.proc.poll() is not None:
             raise RuntimeError(f"node exited with {node.proc.returncode}:\n{node.log()}")
-        return port_open(node.port)
+        return port_open(node.listen_port)
 
     try:
         wait_until(ready, timeout=START_TIMEOUT, what="dicom-node serve to listen")

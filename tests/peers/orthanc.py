@@ -18,6 +18,12 @@ C-STORE, C-ECHO), so Orthanc answers the node's queries and accepts it as a C-MO
 
 The REST helpers use only ``urllib``. Use :attr:`Orthanc.destination` wherever a destination
 (``ae_title``, ``host``, ``port``) is expected.
+
+DICOM TLS: ``Orthanc(workdir, tls=OrthancTls(...))`` turns its DICOM port into a TLS port
+(``DicomTlsEnabled``; Orthanc >= 1.9 uses DCMTK's TLS layer) with the given certificate, key
+and trusted CA certificates, and by default requires a client certificate
+(``DicomTlsRemoteCertificateRequired``). :func:`tls_modality` describes a peer that Orthanc
+itself calls over TLS (``UseDicomTls`` in ``DicomModalities``).
 """
 
 from __future__ import annotations
@@ -65,6 +71,32 @@ def require_orthanc() -> str:
     return ORTHANC_BIN
 
 
+@dataclass(frozen=True)
+class OrthancTls:
+    """DICOM TLS settings of a test Orthanc (PEM files)."""
+
+    certificate: Path
+    private_key: Path
+    trusted_certificates: Path
+    remote_certificate_required: bool = True
+
+    def config(self) -> dict[str, Any]:
+        """The Orthanc configuration entries."""
+        return {
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(self.certificate),
+            "DicomTlsPrivateKey": str(self.private_key),
+            "DicomTlsTrustedCertificates": str(self.trusted_certificates),
+            "DicomTlsRemoteCertificateRequired": self.remote_certificate_required,
+        }
+
+
+def tls_modality(ae_title: str, host: str, port: int) -> dict[str, Any]:
+    """A ``DicomModalities`` entry that Orthanc calls over DICOM TLS (with its own
+    certificate, so it suits a peer that requires client certificates)."""
+    return {"AET": ae_title, "Host": host, "Port": port, "UseDicomTls": True}
+
+
 def _modalities_config(modalities: Mapping[str, Peer]) -> dict[str, Any]:
     """``DicomModalities`` entries with every DIMSE service allowed (C-GET included)."""
     return {
@@ -98,6 +130,7 @@ class Orthanc:
         dicom_port: int | None = None,
         config: Mapping[str, Any] | None = None,
         lua: str | None = None,
+        tls: OrthancTls | None = None,
         modalities: Mapping[str, Peer] | None = None,
     ) -> None:
         """Prepare (not start) an Orthanc in ``workdir``.
@@ -113,7 +146,8 @@ class Orthanc:
         self._pinned_ports = http_port is not None or dicom_port is not None
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
-        self.extra_config = dict(config or {})
+        self.extra_config = {**(tls.config() if tls else {}), **(config or {})}
+        self.tls = tls
         self.lua = lua
         self.modalities = dict(modalities or {})
         self.config_path = self.workdir / "orthanc.json"
@@ -285,6 +319,10 @@ class Orthanc:
     def post_json(self, path: str, body: Any) -> Any:
         """POST a JSON body to ``path`` and decode the JSON answer."""
         return json.loads(self._request("POST", path, json.dumps(body).encode()))
+
+    def post_bytes(self, path: str, body: bytes) -> Any:
+        """POST raw bytes (e.g. a DICOM file to ``/instances``) and decode the JSON answer."""
+        return json.loads(self._request("POST", path, body))
 
     def delete(self, path: str) -> None:
         """DELETE a resource (e.g. ``/instances/<id>``)."""

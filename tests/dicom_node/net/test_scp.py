@@ -442,38 +442,3 @@ def test_patient_data_at_rest_is_owner_only(
         mode = stat.S_IMODE(os.stat(path).st_mode)
         assert mode & 0o077 == 0, f"{path} is {mode:o}"
     assert node.stop() == 0
-
-
-def test_received_data_streams_into_the_staging_folder(
-    shared_node: Node, ct_files: list[Path], tmp_path: Path
-) -> None:
-    """pynetdicom writes the dataset to a file in storage.root/.incoming as it arrives (bounded
-    memory, renamed into place on the same disk); the staging folder is empty afterwards."""
-    from tests.peers.raw_dicom import EXPLICIT_LE, RawAssociation, c_store_rq
-
-    ds = copy_with(ct_files[63], tmp_path / "s.dcm", SOPInstanceUID=generate_uid())
-    data = dataset_bytes(tmp_path / "s.dcm")
-    staging = shared_node.storage / ".incoming"
-    with RawAssociation(shared_node.port) as a:
-        assert a.associate([(1, str(ds.SOPClassUID), [EXPLICIT_LE])]).accepted
-        a.p_data(1, c_store_rq(1, str(ds.SOPClassUID).encode(), ds.SOPInstanceUID.encode()),
-                 command=True)  # fmt: skip
-        head, last = data[:-2000], data[-2000:]
-        for i in range(0, len(head), 8000):
-            a.send(_pdv(head[i : i + 8000], last=False))
-        partial = wait_until(lambda: list(staging.glob("tmp*.dcm")), timeout=10, what="file")
-        assert partial[0].stat().st_size > 1000
-        a.send(_pdv(last, last=True))
-        response = a.response()
-        assert response is not None and response.status == 0
-        assert a.release()
-    assert stored_path(shared_node, ds).read_bytes()[-2000:] == last
-    assert not list(staging.iterdir())
-
-
-def _pdv(data: bytes, *, last: bool) -> bytes:
-    import struct
-
-    from tests.peers.raw_dicom import P_DATA_TF, pdu
-
-    return pdu(P_DATA_TF, struct.pack(">LBB", len(data) + 2, 1, 2 if last else 0) + data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ import pydicom
 import pytest
 from sqlalchemy import select, update
 
+from dicom_node import audit
 from dicom_node.errors import UsageError
 from dicom_node.models import PairingDecision, Prefetch, Retrieval, Series, utcnow
 from dicom_node.orchestration import pairing, prefetch
@@ -264,6 +266,19 @@ def test_ranks_with_pairing_rules_up_to_max_series(
     pairing.scan(node.sessions, node.config, now=later())
     (job,) = all_jobs(node)
     assert job.mr_series_uid == t1_uid
+    records = _audit_records(setup)
+    (query,) = [r for r in records if r["event"] == "query"]
+    assert query["outcome"] == 0 and query["participants"][1]["user_id"] == setup.pacs.aet
+    received = [r for r in records if r["event"] == "instances-received"]
+    assert received and {r["participants"][0]["user_id"] for r in received} == {setup.pacs.aet}
+    patient_id = str(pydicom.dcmread(sorted(SMALL_MR.glob("*.dcm"))[0]).PatientID)
+    assert patient_id not in json.dumps(records)  # hashed, never in the clear
+
+
+def _audit_records(setup: PrefetchSetup) -> list[dict[str, Any]]:
+    config = setup.node.config
+    log_file, _ = config.audit.paths(config.storage.root)
+    return audit.read_log(log_file)
 
 
 def test_ct_paired_meanwhile_is_skipped(make_setup: Callable[..., PrefetchSetup]) -> None:

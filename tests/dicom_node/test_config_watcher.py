@@ -1,4 +1,5 @@
-"""Live reload: valid edits apply, and no edit opens the node by accident."""
+"""Live reload: valid edits apply; invalid ones, and ones that would open the node by accident,
+keep the last good config."""
 
 from __future__ import annotations
 
@@ -7,16 +8,42 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dicom_node.config import NodeConfig, load_config, load_config_snapshot
-from dicom_node.config_watch import ConfigWatcher, restart_needed
+from dicom_node.config_watcher import ConfigWatcher, restart_needed
 from tests.peers import wait_until
+from tests.support.config_files import write
 
 
-def write(path: Path, data: object) -> Path:
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
-    return path
+def test_watcher_applies_valid_and_keeps_last_good(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg_file = write(tmp_path / "n.yaml", {"node": {"allowed_calling_aets": ["A"], "port": 5000}})
+    cfg, path = load_config(cfg_file, {"node.port": 6000})
+    watcher = ConfigWatcher(path, cfg, overrides={"node.port": 6000}, interval=0.05)
+    seen: list[NodeConfig] = []
+    watcher.subscribe(seen.append)
+    assert watcher.check() is False  # unchanged file
+    watcher.start()
+    try:
+        write(cfg_file, {"node": {"allowed_calling_aets": ["A", "B"], "port": 5000}})
+        wait_until(lambda: seen, timeout=5, what="reload")
+        assert seen[-1].node.allowed_calling_aets == ["A", "B"]
+        assert seen[-1].node.port == 6000  # the override survives the reload
+        with caplog.at_level(logging.ERROR, logger="dicom_node.config_watcher"):
+            write(
+                cfg_file, {"node": {"allowed_calling_aets": ["A", "B", "C"], "max_associations": 0}}
+            )
+            wait_until(lambda: "reload rejected" in caplog.text, timeout=5, what="rejection")
+        assert "node.max_associations" in caplog.text
+        assert watcher.current.node.allowed_calling_aets == ["A", "B"]
+        assert len(seen) == 1
+        os.remove(cfg_file)
+        write(cfg_file, {"node": {"allowed_calling_aets": ["A"]}})
+        wait_until(lambda: len(seen) == 2, timeout=5, what="second reload")
+        assert watcher.current.node.allowed_calling_aets == ["A"]
+    finally:
+        watcher.stop()
 
 
 def settle(watcher: ConfigWatcher) -> bool:
@@ -38,33 +65,6 @@ def listed(tmp_path: Path) -> tuple[Path, ConfigWatcher, list[NodeConfig]]:
     return cfg_file, watcher, seen
 
 
-def test_watcher_thread_applies_valid_and_keeps_last_good(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    cfg_file = write(tmp_path / "n.yaml", {"node": {"allowed_calling_aets": ["A"], "port": 5000}})
-    cfg, path = load_config(cfg_file, {"node.port": 6000})
-    watcher = ConfigWatcher(path, cfg, overrides={"node.port": 6000}, interval=0.05)
-    seen: list[NodeConfig] = []
-    watcher.subscribe(seen.append)
-    assert watcher.check() is False  # unchanged file
-    watcher.start()
-    try:
-        write(cfg_file, {"node": {"allowed_calling_aets": ["A", "B"], "port": 5000}})
-        wait_until(lambda: seen, timeout=5, what="reload")
-        assert seen[-1].node.allowed_calling_aets == ["A", "B"]
-        assert seen[-1].node.port == 6000  # the override survives the reload
-        with caplog.at_level(logging.ERROR, logger="dicom_node.config_watch"):
-            write(
-                cfg_file, {"node": {"allowed_calling_aets": ["A", "B", "C"], "max_associations": 0}}
-            )
-            wait_until(lambda: "reload rejected" in caplog.text, timeout=5, what="rejection")
-        assert "node.max_associations" in caplog.text
-        assert watcher.current.node.allowed_calling_aets == ["A", "B"]
-        assert len(seen) == 1
-    finally:
-        watcher.stop()
-
-
 @pytest.mark.parametrize(
     ("content", "why"),
     [
@@ -84,7 +84,7 @@ def test_reload_never_opens_the_node_by_accident(
 ) -> None:
     cfg_file, watcher, seen = listed
     write(cfg_file, content)
-    with caplog.at_level(logging.ERROR, logger="dicom_node.config_watch"):
+    with caplog.at_level(logging.ERROR, logger="dicom_node.config_watcher"):
         assert settle(watcher) is False
     assert "config reload rejected" in caplog.text and why in caplog.text
     assert watcher.current.node.calling_aets == ("A", "B")
@@ -96,7 +96,7 @@ def test_deleted_file_keeps_last_good(
 ) -> None:
     cfg_file, watcher, seen = listed
     os.remove(cfg_file)
-    with caplog.at_level(logging.ERROR, logger="dicom_node.config_watch"):
+    with caplog.at_level(logging.ERROR, logger="dicom_node.config_watcher"):
         assert settle(watcher) is False
     assert "disappeared" in caplog.text
     assert watcher.current.node.calling_aets == ("A", "B") and seen == []
@@ -133,7 +133,7 @@ def test_restart_warnings_compare_with_the_running_config(
     listed: tuple[Path, ConfigWatcher, list[NodeConfig]], caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg_file, watcher, _ = listed
-    with caplog.at_level(logging.INFO, logger="dicom_node.config_watch"):
+    with caplog.at_level(logging.INFO, logger="dicom_node.config_watcher"):
         write(cfg_file, {"node": {"allowed_calling_aets": ["A", "B"], "port": 5001}})
         assert settle(watcher)
         assert "config node.port changed" in caplog.text
