@@ -314,9 +314,9 @@ class StorageSCP:
         )
         if refusal is None:
             return
+        self._rejected(rec, refusal.reason)  # pynetdicom fires no EVT_REJECTED for this
         assoc.acse.send_reject(*refusal.reject)
         assoc.kill()  # as pynetdicom after its own rejections: the RJ is sent, the DUL ends
-        self._rejected(rec, refusal.reason)  # pynetdicom fires no EVT_REJECTED for this
 
     def _on_outcome(self, event: Any, outcome: str) -> None:
         rec = self.associations.record(event.assoc)
