@@ -442,3 +442,21 @@ def test_patient_data_at_rest_is_owner_only(
         mode = stat.S_IMODE(os.stat(path).st_mode)
         assert mode & 0o077 == 0, f"{path} is {mode:o}"
     assert node.stop() == 0
+
+
+def test_edit_saved_while_the_node_starts_is_applied(tmp_path: Path) -> None:
+    """Issue #9 item 7: an allow-list edit saved right after the node read its config (while
+    it migrates and checks its storage) is applied, not lost."""
+    from tests.peers.node import node_config, start_node, write_config
+
+    cfg = node_config(tmp_path, node={"allowed_calling_aets": ["MODALITY"]})
+    node = start_node(tmp_path, cfg, wait_for_port=False)
+    try:
+        wait_until(lambda: "dicom_node.cli.serve: config:" in node.log(), timeout=60, what="load")
+        edited = {**cfg, "node": {**cfg["node"], "allowed_calling_aets": ["MODALITY", "LATE"]}}
+        write_config(node.config_path, edited)
+        wait_until(lambda: port_open(node.port), timeout=60, what="listening")
+        wait_until(lambda: node.echoscu("LATE").returncode == 0, timeout=10, what="edit applied")
+        assert node.echoscu("OTHER").returncode != 0
+    finally:
+        assert node.stop() == 0
