@@ -171,11 +171,12 @@ class JobsSection(_Section):
 
 
 class WorkerSection(_Section):
-    """``worker``: where and how the fusion worker computes."""
+    """``worker``: where and how the fusion worker computes, and whether serve runs one."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
     poll_seconds: Annotated[float, Field(gt=0)] = 2.0
+    embedded: bool = True
 
 
 class FusionSection(_Section):
@@ -409,6 +410,7 @@ def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
         ("storage", "root"),
         ("database", "url"),
         ("logging", "file"),
+        ("worker", "embedded"),
     ):
         if getattr(getattr(old, section), field) != getattr(getattr(new, section), field):
             keys.append(f"{section}.{field}")

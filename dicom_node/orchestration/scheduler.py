@@ -9,8 +9,6 @@ A task that raises is logged and runs again at its next tick.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -42,7 +40,7 @@ class NodeScheduler:
         self.config = config
         self.sessions = sessions
         self._supervise = supervise
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:scheduler"
+        self.owner = jobs.owner_id("scheduler")
         # apscheduler logs every run at INFO: keep it to warnings
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         self._scheduler = BackgroundScheduler(
@@ -123,7 +121,7 @@ class NodeScheduler:
             jobs.recover_stale(
                 self.sessions,
                 jobs.Settings.from_config(self.config),
-                local_host=socket.gethostname(),
+                local_host=jobs.host_identity(),
             )
         except Exception:
             log.exception("stale job recovery failed")

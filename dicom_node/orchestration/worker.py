@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import traceback
@@ -60,7 +59,7 @@ class LeaseLost(Exception):  # noqa: N818
 
 def new_worker_id() -> str:
     """A worker identity unique across hosts and restarts: host:pid:random."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return jobs.owner_id(uuid.uuid4().hex[:6])
 
 
 @dataclass
@@ -263,7 +262,7 @@ class _Loop:
         now = time.monotonic()
         if now - self.last_recovery >= max(RECOVERY_MIN_INTERVAL, cfg.lease_seconds / 2):
             self.last_recovery = now
-            jobs.recover_stale(ctx.sessions, cfg, local_host=socket.gethostname())
+            jobs.recover_stale(ctx.sessions, cfg, local_host=jobs.host_identity())
         job_id = jobs.claim_next(ctx.sessions, ctx.worker_id)
         if job_id is not None:
             self.busy.set()

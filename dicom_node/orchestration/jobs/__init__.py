@@ -21,7 +21,7 @@ from dicom_node.orchestration.jobs.lifecycle import (
     release_to_sends,
     set_output_dir,
 )
-from dicom_node.orchestration.jobs.recovery import recover_stale
+from dicom_node.orchestration.jobs.recovery import host_identity, owner_id, recover_stale
 from dicom_node.orchestration.jobs.settings import Settings, backoff_seconds
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
     "finish_if_sent",
     "hand_back",
     "heartbeat",
+    "host_identity",
+    "owner_id",
     "recover_stale",
     "release_to_sends",
     "retry_job",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -22,8 +24,34 @@ from dicom_node.states import ACTIVE_JOB_STATES, JobState, SendState
 log = logging.getLogger(__name__)
 
 
+PID_NAMESPACE = Path("/proc/self/ns/pid")
+MAX_HOST_NAME = 64
+"""Longest host name kept in an owner id (Linux HOST_NAME_MAX; ids fit ``worker_id``)."""
+
+
+def host_identity() -> str:
+    """This machine as owner ids name it: the host name and the process's PID namespace.
+
+    A process id means something only inside its PID namespace. Two containers (or a
+    container and its host) can share a host name (``network_mode: host``, a fixed
+    ``hostname:`` in a compose file) while their pids are unrelated; naming the namespace keeps
+    :func:`local_owner_dead` from ever declaring a live worker of another container dead.
+    """
+    name = socket.gethostname()[:MAX_HOST_NAME]
+    try:
+        return f"{name}/{PID_NAMESPACE.stat().st_ino}"
+    except OSError:  # no procfs (not Linux): the host name alone
+        return name
+
+
+def owner_id(tag: str) -> str:
+    """The id of a job or send owner of this process: ``host_identity:pid:tag``."""
+    return f"{host_identity()}:{os.getpid()}:{tag}"
+
+
 def local_owner_dead(worker_id: str | None, host: str) -> bool:
-    """True when ``worker_id`` (host:pid:tag) names a process of this host that is gone."""
+    """True when ``worker_id`` (host:pid:tag) names a process of ``host`` (this machine's
+    :func:`host_identity`) that is gone."""
     parts = (worker_id or "").split(":")
     if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
         return False
@@ -41,10 +69,10 @@ def recover_stale(
 ) -> list[int]:
     """Requeue (or fail, after ``max_attempts``) jobs whose worker's heartbeat is stale.
 
-    With ``local_host`` (this machine's host name), jobs held by a worker process of this host
-    that no longer exists are taken back at once, without waiting for the lease to expire
-    (a restarted node resumes its interrupted job immediately). Also hands send rows stuck in
-    ``sending`` by a dead process back to the retry queue. Returns the recovered job ids.
+    With ``local_host`` (this machine's :func:`host_identity`), jobs held by a worker process of
+    this host that no longer exists are taken back at once, without waiting for the lease to
+    expire (a restarted node resumes its interrupted job immediately). Also hands send rows stuck
+    in ``sending`` by a dead process back to the retry queue. Returns the recovered job ids.
     """
     now = utcnow()
     cutoff = now - timedelta(seconds=cfg.lease_seconds)

@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from dicom_node import models
 from dicom_node.models import Job, Send
 from dicom_node.orchestration import jobs
+from dicom_node.orchestration.jobs import recovery
 from dicom_node.states import JobState, SendState
 from tests.support.indexed import IndexedNode
 from tests.support.jobs import make_jobs
@@ -85,3 +86,28 @@ def test_stale_job_on_its_last_attempt_fails(indexed_node: IndexedNode) -> None:
         job = s.get(Job, job_id)
         assert job is not None and job.state is JobState.FAILED
         assert "stopped answering" in (job.error or "")
+
+
+def test_same_host_name_in_another_pid_namespace_is_never_declared_dead(
+    indexed_node: IndexedNode,
+) -> None:
+    """Containers sharing a host name (network_mode: host) have unrelated pids: a worker of
+    another PID namespace is left to its lease, even when its pid does not exist here."""
+    node = indexed_node
+    cfg = jobs.Settings.from_config(node.config)
+    here = jobs.host_identity()
+    assert here.startswith(socket.gethostname()[: recovery.MAX_HOST_NAME])
+    assert here != socket.gethostname()  # the PID namespace is part of it on Linux
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    other_container = f"{socket.gethostname()}/1:{int(gone.stdout)}:w"
+    same_namespace = f"{here}:{int(gone.stdout)}:w"
+    a, b = make_jobs(node, 2)
+    assert jobs.claim_next(node.sessions, other_container) == a
+    assert jobs.claim_next(node.sessions, same_namespace) == b
+    assert jobs.recover_stale(node.sessions, cfg, local_host=here) == [b]
+    assert jobs.owner_id("x") == f"{here}:{os.getpid()}:x"
