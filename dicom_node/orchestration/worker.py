@@ -8,7 +8,8 @@ associations. Any number of workers may share one database: claims are atomic (s
 For each claimed job the worker
 
 1. reuses the derived files of an earlier attempt when their manifest is complete (a retry
-   never recomputes), else reads both series, runs :func:`dicom_node.imaging.pipeline.run_pair`
+   never recomputes), else reads both series (through :mod:`dicom_node.storage.source`, the
+   shared storage root), runs :func:`dicom_node.imaging.pipeline.run_pair`
    (registering, fusing) and writes every derived instance plus the manifest
    (:mod:`dicom_node.storage.derived`, writing);
 2. sends to every destination once (sending); destinations that fail are left to the
@@ -41,7 +42,7 @@ from dicom_node.models import Job
 from dicom_node.orchestration import dispatch, jobs
 from dicom_node.states import STAGE_JOB_STATE, JobState, Stage
 from dicom_node.storage.derived import DerivedFile, job_dir, read_manifest, write_job_outputs
-from dicom_node.storage.store import series_paths
+from dicom_node.storage.source import check_storage_root, series_source
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,15 @@ def compute(ctx: Context, job: Job, folder: Path, tracker: _StageTracker) -> lis
     from dicom_node.imaging import pipeline  # heavy (torch, SimpleITK): only in the worker
 
     config = ctx.config
-    root = config.storage.root
-    ct_paths = series_paths(ctx.sessions, root, job.ct_series_uid)
-    mr_paths = series_paths(ctx.sessions, root, job.mr_series_uid)
-    if not ct_paths or not mr_paths:
-        raise SourceSeriesMissingError("source series no longer in the index (retention?)")
+    source = series_source(config, ctx.sessions)
     t0 = time.monotonic()
-    ct, mr = pipeline.read_pair(ct_paths, mr_paths, config=config)
+    with (
+        source.open_series(job.ct_series_uid) as ct_paths,
+        source.open_series(job.mr_series_uid) as mr_paths,
+    ):
+        if not ct_paths or not mr_paths:
+            raise SourceSeriesMissingError("source series no longer in the index (retention?)")
+        ct, mr = pipeline.read_pair(ct_paths, mr_paths, config=config)
     read_seconds = time.monotonic() - t0
     result = pipeline.run_pair(
         ct, mr, config=config, on_stage=tracker.on_stage, revision=job.revision
@@ -291,6 +294,7 @@ def main(
     """
     from dicom_node.db import make_engine, migrate, session_factory
 
+    check_storage_root(config.storage.root)
     configure_compute(config)
     engine = make_engine(config.database_url)
     migrate(engine)
