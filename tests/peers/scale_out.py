@@ -128,14 +128,17 @@ def deploy(root: Path, sections: dict[str, dict[str, Any]], workers: int) -> Dep
     return deployment
 
 
-def patient_pairs(root: Path, count: int, tag: str) -> list[tuple[Path, Path]]:
-    """``count`` CT-MR pairs of ``count`` different patients, made from the small fixtures."""
+def patient_pairs(
+    root: Path, count: int, tag: str, *, ct: Path = SMALL_CT, mr: Path = SMALL_MR
+) -> list[tuple[Path, Path]]:
+    """``count`` CT-MR pairs of ``count`` different patients, rewritten from ``ct`` and ``mr``
+    (the small fixtures by default)."""
     pairs = []
     for i in range(count):
         salt, pid = f"{tag}-{i}", f"{tag.upper()}-{i}"
-        ct = copy_series(SMALL_CT, root / f"p{i}" / "ct", salt=salt, patient_id=pid)
-        mr = copy_series(SMALL_MR, root / f"p{i}" / "mr", salt=salt, patient_id=pid)
-        pairs.append((ct, mr))
+        ct_copy = copy_series(ct, root / f"p{i}" / "ct", salt=salt, patient_id=pid)
+        mr_copy = copy_series(mr, root / f"p{i}" / "mr", salt=salt, patient_id=pid)
+        pairs.append((ct_copy, mr_copy))
     return pairs
 
 
