@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,6 +176,22 @@ def migrate(engine: Engine) -> None:
             )
         log.info("migrating database schema %s -> %s", current or "(empty)", head)
         command.upgrade(cfg, "head")
+
+
+def clock_skew_seconds(engine: Engine) -> float | None:
+    """This machine's UTC clock minus the database server's, in seconds (None for SQLite,
+    which lives on this machine's clock).
+
+    Workers on several machines write heartbeats with their own clocks and judge each other's
+    leases with theirs, so a clock far off the others' would take jobs from live workers.
+    """
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as conn:
+        before = time.time()
+        server = conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one()
+        after = time.time()
+    return (before + after) / 2 - float(server)
 
 
 def _known_revisions() -> set[str]:

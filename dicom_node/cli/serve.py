@@ -93,14 +93,16 @@ class _Node:
     """The parts ``serve`` runs: index, store, listener, scheduler, embedded worker."""
 
     def __init__(self, cfg: NodeConfig, worker_config: Path | None) -> None:
-        from dicom_node.db import make_engine, migrate, session_factory
+        from dicom_node.db import clock_skew_seconds, make_engine, migrate, session_factory
         from dicom_node.net.scp import StorageSCP
         from dicom_node.orchestration.embedded import EmbeddedWorker
+        from dicom_node.orchestration.jobs import check_clock
         from dicom_node.orchestration.scheduler import NodeScheduler
         from dicom_node.storage.store import Store
 
         self.engine = make_engine(cfg.database_url)
         migrate(self.engine)
+        check_clock(clock_skew_seconds(self.engine), cfg.jobs.lease_seconds)
         sessions = session_factory(self.engine)
         self.store = Store(cfg.storage.root, sessions, cfg.storage.min_free_mb)
         self.scp = StorageSCP(cfg, self.store)

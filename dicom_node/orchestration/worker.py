@@ -292,12 +292,13 @@ def main(
     ``config_file``: when it exists it is watched, so routing and destination edits apply to
     later sends without a restart.
     """
-    from dicom_node.db import make_engine, migrate, session_factory
+    from dicom_node.db import clock_skew_seconds, make_engine, migrate, session_factory
 
     check_storage_root(config.storage.root)
     configure_compute(config)
     engine = make_engine(config.database_url)
     migrate(engine)
+    jobs.check_clock(clock_skew_seconds(engine), config.jobs.lease_seconds)
     watcher: ConfigWatcher | None = None
     if config_file is not None and Path(config_file).exists():
         watcher = ConfigWatcher(Path(config_file), config)

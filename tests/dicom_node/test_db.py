@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 
 from dicom_node.db import (
     PG_MIGRATION_LOCK,
+    clock_skew_seconds,
     current_revision,
     head_revision,
     make_engine,
@@ -199,3 +200,11 @@ def test_missing_database_driver_is_a_config_error() -> None:
 def test_displayed_database_urls_hide_the_password() -> None:
     shown = redacted_url("postgresql+psycopg://node:s3cret@db.example:5432/index")
     assert "s3cret" not in shown and shown.startswith("postgresql+psycopg://node:***@db.example")
+
+
+def test_clock_skew_is_measured_against_the_database_server(engine: Engine) -> None:
+    skew = clock_skew_seconds(engine)
+    if engine.dialect.name == "sqlite":
+        assert skew is None  # the database lives on this machine's clock
+    else:
+        assert skew is not None and abs(skew) < 1.0  # the server runs on this machine here

@@ -21,13 +21,19 @@ from dicom_node.orchestration.jobs.lifecycle import (
     release_to_sends,
     set_output_dir,
 )
-from dicom_node.orchestration.jobs.recovery import host_identity, owner_id, recover_stale
+from dicom_node.orchestration.jobs.recovery import (
+    check_clock,
+    host_identity,
+    owner_id,
+    recover_stale,
+)
 from dicom_node.orchestration.jobs.settings import Settings, backoff_seconds
 
 __all__ = [
     "Settings",
     "backoff_seconds",
     "cancel_job",
+    "check_clock",
     "claim_next",
     "create_job",
     "enter_stage",

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.errors import ConfigError
 from dicom_node.models import Job, Send, utcnow
 from dicom_node.orchestration.jobs.lifecycle import close_open_stages, rowcount
 from dicom_node.orchestration.jobs.settings import Settings
@@ -47,6 +48,36 @@ def host_identity() -> str:
 def owner_id(tag: str) -> str:
     """The id of a job or send owner of this process: ``host_identity:pid:tag``."""
     return f"{host_identity()}:{os.getpid()}:{tag}"
+
+
+MAX_CLOCK_SKEW_SHARE = 0.25
+"""Largest clock difference to the database server, as a share of ``jobs.lease_seconds``."""
+CLOCK_SKEW_WARNING_S = 1.0
+
+
+def check_clock(skew_seconds: float | None, lease_seconds: float) -> None:
+    """Refuse to judge leases with a clock far off the database server's.
+
+    Heartbeats are written with each machine's clock and compared with another's: a clock off
+    by a good part of the lease would make live workers look dead (their job done twice) or
+    keep dead ones alive. Raises :class:`ConfigError` beyond a quarter of the lease, warns from
+    a second on; ``skew_seconds`` None (SQLite, one machine) is always fine.
+    """
+    if skew_seconds is None:
+        return
+    if abs(skew_seconds) > MAX_CLOCK_SKEW_SHARE * lease_seconds:
+        raise ConfigError(
+            f"this machine's clock is {skew_seconds:+.1f} s off the database server's, too far "
+            f"for jobs.lease_seconds = {lease_seconds:g}: leases would be misjudged. "
+            "Synchronise the clocks (NTP, e.g. chrony) on every machine"
+        )
+    if abs(skew_seconds) > CLOCK_SKEW_WARNING_S:
+        log.warning(
+            "this machine's clock is %+.1f s off the database server's; synchronise the "
+            "clocks (NTP) before the difference reaches %.0f s",
+            skew_seconds,
+            MAX_CLOCK_SKEW_SHARE * lease_seconds,
+        )
 
 
 def local_owner_dead(worker_id: str | None, host: str) -> bool:

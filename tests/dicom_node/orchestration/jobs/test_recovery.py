@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, update
 
 from dicom_node import models
+from dicom_node.errors import ConfigError
 from dicom_node.models import Job, Send
 from dicom_node.orchestration import jobs
 from dicom_node.orchestration.jobs import recovery
@@ -111,3 +114,13 @@ def test_same_host_name_in_another_pid_namespace_is_never_declared_dead(
     assert jobs.claim_next(node.sessions, same_namespace) == b
     assert jobs.recover_stale(node.sessions, cfg, local_host=here) == [b]
     assert jobs.owner_id("x") == f"{here}:{os.getpid()}:x"
+
+
+def test_a_clock_far_off_the_database_server_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    jobs.check_clock(None, 60.0)  # SQLite: one machine, one clock
+    jobs.check_clock(0.3, 60.0)
+    with caplog.at_level(logging.WARNING, logger="dicom_node.orchestration.jobs.recovery"):
+        jobs.check_clock(-5.0, 60.0)
+    assert "off the database server's" in caplog.text
+    with pytest.raises(ConfigError, match="NTP"):
+        jobs.check_clock(16.0, 60.0)
