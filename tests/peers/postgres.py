@@ -181,12 +181,21 @@ class PostgresCluster:
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
 
+    def client(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run a client program of the server's version (``pg_dump``, ``pg_restore``, ``psql``)
+        connected to this cluster as the superuser; raises when it fails."""
+        env = {**os.environ, "PGPASSWORD": self.password}
+        cmd = [str(self.bin_dir / program), "-h", "127.0.0.1", "-p", str(self.port)]
+        done = subprocess.run(
+            [*cmd, "-U", SUPERUSER, *args], env=env, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{program} failed ({done.returncode}): {done.stderr[-2000:]}")
+        return done
+
     def psql(self, database: str, script: Path) -> None:
         """Run an SQL script with the server's own ``psql`` (stops at the first error)."""
-        env = {**os.environ, "PGPASSWORD": self.password}
-        cmd = [str(self.bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
-        cmd += ["-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, "-d", database]
-        subprocess.run([*cmd, "-f", str(script)], check=True, env=env, capture_output=True)
+        self.client("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", database, "-f", str(script))
 
 
 def start_cluster() -> PostgresCluster:
