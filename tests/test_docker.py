@@ -4,6 +4,7 @@ the install script CI runs, and the package the image installs."""
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import re
@@ -237,3 +238,31 @@ def test_package_holds_the_migrations_weights_and_commands(tmp_path: Path) -> No
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = zf.read(entry_points).decode()
     assert "dicom-node = dicom_node.cli:main" in scripts
+
+
+def unit(name: str) -> configparser.ConfigParser:
+    """A systemd unit file of docker/; ``Environment=NAME=value`` lines become keys
+    ``Environment.NAME``."""
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(
+        re.sub(r"^Environment=", "Environment.", (DOCKER / name).read_text(), flags=re.M)
+    )
+    return parser
+
+
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [("dicom-node.service", cmd_serve), ("dicom-node-worker@.service", cmd_worker)],
+)
+def test_systemd_units_run_the_node_as_its_own_user(name: str, command: object) -> None:
+    service = unit(name)["Service"]
+    assert service["User"] not in ("root", "0")
+    program, *argv = shlex.split(service["ExecStart"])
+    assert program.endswith("/bin/dicom-node") and parse_command(argv).func is command
+    env = {k.split(".", 1)[1]: v for k, v in service.items() if k.startswith("Environment.")}
+    assert env[ENV_VAR].startswith("/etc/dicom-node/")
+    assert "PGPASSFILE" in env  # the database password stays out of the config file
+    compose_storage = service_config(compose()["services"]["node"]).storage.root
+    assert str(compose_storage).startswith(service["ReadWritePaths"])
+    assert service["UMask"] == "0027"
