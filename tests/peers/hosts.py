@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from tests.peers.postgres import REQUIRE_ENV
+
 _SET_HOSTNAME_AND_EXEC = (
     "import os, socket, sys; socket.sethostname(sys.argv[1]); os.execvp(sys.argv[2], sys.argv[2:])"
 )
@@ -44,7 +46,13 @@ def _host_namespace_problem() -> str | None:
 
 
 def require_host_namespaces() -> None:
-    """Skip (with the reason) when processes cannot get host names of their own here."""
+    """Skip (with the reason) when processes cannot get host names of their own here; under
+    the test command (``MRCT_REQUIRE_POSTGRES=1``, CI) fail instead: the scale-out test of the
+    PostgreSQL backend must run there."""
     problem = _host_namespace_problem()
-    if problem is not None:
-        pytest.skip(f"cannot run processes as other hosts: {problem}")
+    if problem is None:
+        return
+    reason = f"cannot run processes as other hosts: {problem}"
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: the scale-out test must run)")
+    pytest.skip(reason)

@@ -26,21 +26,26 @@ log = logging.getLogger(__name__)
 
 
 PID_NAMESPACE = Path("/proc/self/ns/pid")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+BOOT_ID_CHARS = 12
+"""Hex digits of the kernel's boot id kept in an owner id (random per boot of a machine)."""
 MAX_HOST_NAME = 64
 """Longest host name kept in an owner id (Linux HOST_NAME_MAX; ids fit ``worker_id``)."""
 
 
 def host_identity() -> str:
-    """This machine as owner ids name it: the host name and the process's PID namespace.
+    """Where this process's pids mean something: host name, kernel boot and PID namespace.
 
-    A process id means something only inside its PID namespace. Two containers (or a
-    container and its host) can share a host name (``network_mode: host``, a fixed
-    ``hostname:`` in a compose file) while their pids are unrelated; naming the namespace keeps
-    :func:`local_owner_dead` from ever declaring a live worker of another container dead.
+    A pid names a process only within one kernel's PID namespace. Host names are not enough:
+    cloned machines share one, and so can containers (``network_mode: host``, a fixed
+    ``hostname:``) whose pids are unrelated. The kernel's random boot id tells machines (and
+    boots) apart, the namespace inode tells containers of one kernel apart, so
+    :func:`local_owner_dead` never declares a live worker of another machine or container dead.
     """
     name = socket.gethostname()[:MAX_HOST_NAME]
     try:
-        return f"{name}/{PID_NAMESPACE.stat().st_ino}"
+        boot = BOOT_ID.read_text().strip().replace("-", "")[:BOOT_ID_CHARS]
+        return f"{name}/{boot}.{PID_NAMESPACE.stat().st_ino}"
     except OSError:  # no procfs (not Linux): the host name alone
         return name
 

@@ -91,28 +91,34 @@ def test_stale_job_on_its_last_attempt_fails(indexed_node: IndexedNode) -> None:
         assert "stopped answering" in (job.error or "")
 
 
-def test_same_host_name_in_another_pid_namespace_is_never_declared_dead(
+def test_same_host_name_on_another_machine_or_container_is_never_declared_dead(
     indexed_node: IndexedNode,
 ) -> None:
-    """Containers sharing a host name (network_mode: host) have unrelated pids: a worker of
-    another PID namespace is left to its lease, even when its pid does not exist here."""
+    """Cloned machines and containers (network_mode: host) can share a host name while their
+    pids are unrelated: a worker of another kernel boot or PID namespace is left to its lease,
+    even when its pid does not exist here."""
     node = indexed_node
     cfg = jobs.Settings.from_config(node.config)
     here = jobs.host_identity()
     assert here.startswith(socket.gethostname()[: recovery.MAX_HOST_NAME])
-    assert here != socket.gethostname()  # the PID namespace is part of it on Linux
+    assert here != socket.gethostname()  # kernel boot and PID namespace are part of it
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
         text=True,
         check=True,
     )
-    other_container = f"{socket.gethostname()}/1:{int(gone.stdout)}:w"
-    same_namespace = f"{here}:{int(gone.stdout)}:w"
-    a, b = make_jobs(node, 2)
+    host, boot_and_namespace = here.split("/")
+    boot, namespace = boot_and_namespace.split(".")
+    pid = int(gone.stdout)
+    other_container = f"{host}/{boot}.1:{pid}:w"
+    other_machine = f"{host}/{'0' * len(boot)}.{namespace}:{pid}:w"
+    same_namespace = f"{here}:{pid}:w"
+    a, b, c = make_jobs(node, 3)
     assert jobs.claim_next(node.sessions, other_container) == a
-    assert jobs.claim_next(node.sessions, same_namespace) == b
-    assert jobs.recover_stale(node.sessions, cfg, local_host=here) == [b]
+    assert jobs.claim_next(node.sessions, other_machine) == b
+    assert jobs.claim_next(node.sessions, same_namespace) == c
+    assert jobs.recover_stale(node.sessions, cfg, local_host=here) == [c]
     assert jobs.owner_id("x") == f"{here}:{os.getpid()}:x"
 
 
