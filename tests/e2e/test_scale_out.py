@@ -4,18 +4,20 @@ storage root, sending to a real Orthanc.
 
 Six CT-MR pairs of six patients arrive; one worker is killed with SIGKILL in the middle of a
 job. Every job must be claimed exactly once (the killed one once more, by another worker, only
-after its lease expired) and every derived instance delivered once.
+after its lease expired) and every derived instance acknowledged once and stored once.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
-from dicom_node.models import Job, utcnow
+from dicom_node.models import Job, SentInstance
 from dicom_node.states import JobState, SendState
 from tests.peers import wait_until
 from tests.peers.hosts import require_host_namespaces
@@ -90,8 +92,11 @@ def test_three_workers_on_one_postgres_share_six_pairs_and_survive_a_kill(
     killed = node.workers[victim_host]
     assert victim.worker_id is not None and f":{killed.proc.pid}:" in victim.worker_id
     killed.proc.kill()
-    killed_at = utcnow()
     assert killed.proc.wait(10) < 0
+    with view.sessions() as s:  # the dead worker's last heartbeat: its lease runs from there
+        dead = s.get(Job, victim.id)
+    assert dead is not None and dead.heartbeat_at is not None
+    last_beat = dead.heartbeat_at
 
     done = view.wait_jobs(PAIRS, timeout=ALL_DONE_TIMEOUT)
     assert len(done) == PAIRS, node.logs()
@@ -106,7 +111,7 @@ def test_three_workers_on_one_postgres_share_six_pairs_and_survive_a_kill(
     first_try = [st for st in redone.stages if st.attempt == 1]
     taken_back_at = max(st.finished_at for st in first_try if st.finished_at is not None)
     assert any(st.error and "stopped answering" in st.error for st in first_try)
-    assert taken_back_at - killed_at >= timedelta(seconds=LEASE_SECONDS - 2 * HEARTBEAT_SECONDS)
+    assert taken_back_at - last_beat >= timedelta(seconds=LEASE_SECONDS)  # not before expiry
     claimers = [
         host
         for host, worker in node.workers.items()
@@ -116,18 +121,17 @@ def test_three_workers_on_one_postgres_share_six_pairs_and_survive_a_kill(
 
     # no worker of serve's: the serve process only receives, pairs and retries sends
     assert "no embedded worker" in node.serve.log()
-    assert all(f":{node.serve.proc.pid}:" not in (j.worker_id or "") for j in done)
+    assert "claimed by worker" not in node.serve.log()
 
-    # delivered once: one send per job, one attempt, every instance acknowledged once
+    # delivered once: every derived instance acknowledged once per job (a send attempt that
+    # failed, e.g. Orthanc slow under load, re-sends only what was not acknowledged)
     n_ct = len(list(SMALL_CT.glob("*.dcm")))
     per_job = 2 * n_ct + 1  # fused + registered MR (one per CT slice) + one REG
+    with view.sessions() as s:
+        acks = Counter(s.scalars(select(SentInstance.sop_instance_uid)).all())
+    assert len(acks) == PAIRS * per_job and set(acks.values()) == {1}
     for job in done:
         (send,) = job.sends
-        assert (send.state, send.attempts, send.total, send.acked) == (
-            SendState.DONE,
-            1,
-            per_job,
-            per_job,
-        )
+        assert (send.state, send.total, send.acked) == (SendState.DONE, per_job, per_job)
     assert pacs.statistics()["CountInstances"] == PAIRS * per_job
     assert len(pacs.series()) == PAIRS * 3

@@ -14,6 +14,7 @@ it fails instead, so CI never passes with the PostgreSQL variants silently skipp
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import secrets
@@ -22,12 +23,14 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from tests.peers import free_port
+
+if TYPE_CHECKING:  # the driver is the optional `postgres` extra: imported when used
+    import psycopg
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 SUPERUSER = "postgres"
@@ -158,6 +161,8 @@ class PostgresCluster:
 
     def connect(self, database: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
         """A plain psycopg connection in autocommit mode (for administration)."""
+        import psycopg
+
         return psycopg.connect(
             host="127.0.0.1",
             port=self.port,
@@ -169,6 +174,8 @@ class PostgresCluster:
 
     def create_database(self) -> str:
         """A new empty database; its name."""
+        from psycopg import sql
+
         name = f"t_{secrets.token_hex(6)}"
         with self.connect() as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -176,6 +183,8 @@ class PostgresCluster:
 
     def drop_database(self, name: str) -> None:
         """Drop a database, closing any connection a test left open."""
+        from psycopg import sql
+
         with self.connect() as conn:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
@@ -200,6 +209,10 @@ class PostgresCluster:
 
 def start_cluster() -> PostgresCluster:
     """Make and start a cluster; raises :class:`PostgresUnavailableError` saying why it cannot."""
+    if importlib.util.find_spec("psycopg") is None:
+        raise PostgresUnavailableError(
+            "the PostgreSQL driver psycopg is not installed (pip install -e '.[postgres]')"
+        )
     bin_dir = server_bin_dir()
     if bin_dir is None:
         raise PostgresUnavailableError(
