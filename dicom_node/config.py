@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from dicom_node.errors import ConfigError
-from dicom_node.states import ALL_DERIVED_KINDS, DerivedKind
+from dicom_node.states import ALL_DERIVED_KINDS, DerivedKind, PrefetchMethod
 from fusion_engine.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,21 @@ class RetentionSection(_Section):
     days: Annotated[int, Field(ge=1)] = 30
 
 
+class PrefetchSection(_Section):
+    """``prefetch``: retrieve the MR of a waiting CT from the PACS (Query/Retrieve SCU).
+
+    The time window and the series preferences are the pairing settings
+    (``pairing.max_days_between``, ``pairing.mr_rules``); backoff between attempts is
+    ``jobs.retry_backoff_seconds`` / ``jobs.max_backoff_seconds``.
+    """
+
+    enabled: bool = False
+    source: str | None = None
+    method: PrefetchMethod = PrefetchMethod.MOVE
+    max_series: Annotated[int, Field(ge=1)] = 1
+    max_attempts: Annotated[int, Field(ge=1)] = 10
+
+
 class LoggingSection(_Section):
     """``logging``: level and optional log file."""
 
@@ -248,6 +263,7 @@ class NodeConfig(_Section):
     derive: DeriveSection = Field(default_factory=DeriveSection)
     volumes: VolumesSection = Field(default_factory=VolumesSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
+    prefetch: PrefetchSection = Field(default_factory=PrefetchSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @field_validator("destinations")
@@ -266,6 +282,18 @@ class NodeConfig(_Section):
                 f"routing.send_to names unknown destination(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(self.destinations)) or 'none'}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _prefetch_source_known(self) -> NodeConfig:
+        source = self.prefetch.source
+        if source is not None and source not in self.destinations:
+            raise ValueError(
+                f"prefetch.source names unknown destination {source!r}; "
+                f"known: {', '.join(sorted(self.destinations)) or 'none'}"
+            )
+        if self.prefetch.enabled and source is None:
+            raise ValueError("prefetch.enabled needs prefetch.source (a destinations entry)")
         return self
 
     @property

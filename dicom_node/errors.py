@@ -111,6 +111,14 @@ class SendError(NetworkError):
         self.attempts = attempts
 
 
+class QueryRetrieveError(NetworkError):
+    """A C-FIND, C-MOVE or C-GET against the PACS failed (no association, a failure status).
+
+    Retryable: the PACS may be down or busy; a partial retrieval is not an error but a
+    :class:`dicom_node.net.qr.RetrieveResult` that is not complete.
+    """
+
+
 class SeriesError(NodeError):
     """A stored series cannot be read as a volume (gap, tilt, mixed sizes, ...)."""
 

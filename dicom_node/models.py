@@ -27,7 +27,17 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from dicom_node.states import JobState, PairingOutcome, SendState, SeriesState
+from dicom_node.states import (
+    JobState,
+    PairingOutcome,
+    PrefetchEventKind,
+    PrefetchMethod,
+    PrefetchState,
+    PrefetchTrigger,
+    RetrievalState,
+    SendState,
+    SeriesState,
+)
 
 UID = String(64)
 E = TypeVar("E", bound=StrEnum)
@@ -279,3 +289,86 @@ class SentInstance(Base):
     acked_at: Mapped[datetime] = mapped_column(DateTime)
 
     send: Mapped[Send] = relationship(back_populates="acks")
+
+
+class Prefetch(Base):
+    """The prefetch of an MR from the PACS for one CT series revision (one row per run).
+
+    ``reason`` says why it ended as it did (or why the last attempt failed); every query,
+    candidate, choice and retrieval is a :class:`PrefetchEvent`.
+    """
+
+    __tablename__ = "prefetches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ct_series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    ct_revision: Mapped[int] = mapped_column(Integer, default=1)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    trigger: Mapped[PrefetchTrigger] = mapped_column(EnumText(PrefetchTrigger))
+    source: Mapped[str] = mapped_column(String(64), default="")
+    method: Mapped[PrefetchMethod] = mapped_column(EnumText(PrefetchMethod))
+    state: Mapped[PrefetchState] = mapped_column(
+        EnumText(PrefetchState), index=True, default=PrefetchState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    not_before: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    events: Mapped[list[PrefetchEvent]] = relationship(
+        back_populates="prefetch", cascade="all, delete-orphan", order_by="PrefetchEvent.id"
+    )
+    retrievals: Mapped[list[Retrieval]] = relationship(
+        back_populates="prefetch", cascade="all, delete-orphan", order_by="Retrieval.id"
+    )
+
+
+class PrefetchEvent(Base):
+    """One step of a prefetch attempt (query, candidate, choice, retrieval, outcome) and why."""
+
+    __tablename__ = "prefetch_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    prefetch_id: Mapped[int] = mapped_column(
+        ForeignKey("prefetches.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    kind: Mapped[PrefetchEventKind] = mapped_column(EnumText(PrefetchEventKind))
+    series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(DateTime)
+
+    prefetch: Mapped[Prefetch] = relationship(back_populates="events")
+
+
+class Retrieval(Base):
+    """One C-MOVE / C-GET of one series; pairing uses the series only once one is complete.
+
+    ``expected`` is the PACS's instance count (series-level C-FIND, or the retrieve's
+    sub-operation total when larger); the sub-operation counts are the PACS's final answer.
+    """
+
+    __tablename__ = "retrievals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    prefetch_id: Mapped[int] = mapped_column(
+        ForeignKey("prefetches.id", ondelete="CASCADE"), index=True
+    )
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[RetrievalState] = mapped_column(
+        EnumText(RetrievalState), default=RetrievalState.RETRIEVING
+    )
+    expected: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    warning: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    prefetch: Mapped[Prefetch] = relationship(back_populates="retrievals")

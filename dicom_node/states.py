@@ -111,3 +111,82 @@ STAGE_JOB_STATE: dict[Stage, JobState] = {
     Stage.WRITE: JobState.WRITING,
 }
 """The job state a worker shows while the pipeline is in a stage (others leave it as it is)."""
+
+
+class PrefetchMethod(StrEnum):
+    """How a prefetch retrieves a series from the PACS (``prefetch.method``)."""
+
+    MOVE = "move"
+    """C-MOVE with the node's own AE title as destination: the PACS stores to the node's SCP."""
+    GET = "get"
+    """C-GET: the PACS sends the instances back on the same association (SCP role)."""
+
+
+class PrefetchTrigger(StrEnum):
+    """Who started a prefetch."""
+
+    AUTO = "auto"
+    """The scheduler, for a CT that waits for an MR."""
+    MANUAL = "manual"
+    """An admin, with ``dicom-node prefetch PATIENT_ID``."""
+
+
+class PrefetchState(StrEnum):
+    """Where the prefetch of an MR for one CT series revision stands.
+
+    ``pending -> querying -> retrieving -> retrieved``; an attempt that fails (PACS down, a
+    partial retrieval) goes to ``retry`` with backoff, and to ``failed`` after
+    ``prefetch.max_attempts``; a PACS without a usable MR ends ``not_found``; a CT that no
+    longer waits (its MR arrived another way) ends ``skipped``.
+    """
+
+    PENDING = "pending"
+    QUERYING = "querying"
+    RETRIEVING = "retrieving"
+    RETRY = "retry"
+    RETRIEVED = "retrieved"
+    NOT_FOUND = "not_found"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    @property
+    def is_open(self) -> bool:
+        """The prefetch may still retrieve something: its CT is "prefetching"."""
+        return self in OPEN_PREFETCH_STATES
+
+
+OPEN_PREFETCH_STATES: frozenset[PrefetchState] = frozenset(
+    {PrefetchState.PENDING, PrefetchState.QUERYING, PrefetchState.RETRIEVING, PrefetchState.RETRY}
+)
+RUNNING_PREFETCH_STATES: frozenset[PrefetchState] = frozenset(
+    {PrefetchState.QUERYING, PrefetchState.RETRIEVING}
+)
+"""A process is working on the prefetch (it heartbeats; a stale one is taken back)."""
+
+
+class PrefetchEventKind(StrEnum):
+    """One recorded step of a prefetch (each with its reason in words)."""
+
+    QUERY = "query"
+    CANDIDATE = "candidate"
+    CHOICE = "choice"
+    RETRIEVE = "retrieve"
+    OUTCOME = "outcome"
+
+
+class RetrievalState(StrEnum):
+    """The retrieval of one series from the PACS; pairing uses the series only when complete."""
+
+    RETRIEVING = "retrieving"
+    COMPLETE = "complete"
+    PARTIAL = "partial"
+    FAILED = "failed"
+
+
+class CtWaitState(StrEnum):
+    """How ``dicom-node jobs`` shows a CT that has no job yet."""
+
+    WAITING = "waiting"
+    """Waiting for an MR to arrive (or for its pairing window to close)."""
+    PREFETCHING = "prefetching"
+    """Waiting for a prefetch of its MR from the PACS."""

@@ -17,11 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.cli.common import console, index_sessions, load
+from dicom_node.cli.prefetch import ct_wait_state, prefetch_tables_for_ct
 from dicom_node.config import NodeConfig
 from dicom_node.errors import EXIT_OK, EXIT_USAGE
 from dicom_node.models import Job, JobStage, PairingDecision, Send, utcnow
 from dicom_node.orchestration import jobs, pairing
-from dicom_node.states import JobState, PairingOutcome, SendState
+from dicom_node.states import CtWaitState, JobState, PairingOutcome, SendState
 
 DEFAULT_LIMIT = 50
 UID_SHOWN = 24
@@ -33,10 +34,12 @@ _STATE_STYLE: dict[str, str] = {
     JobState.CANCELLED: "dim",
     JobState.QUEUED: "cyan",
     PairingOutcome.WAITING: "yellow",
+    CtWaitState.PREFETCHING: "magenta",
     SendState.FAILED: "red",
     SendState.DONE: "green",
 }
-LISTABLE_STATES: tuple[str, ...] = (*JobState, PairingOutcome.WAITING)
+LISTABLE_STATES: tuple[str, ...] = (*JobState, *CtWaitState)
+"""Job states, and the states of CTs that wait (for an MR, or for its prefetch)."""
 
 JobAction = Callable[[sessionmaker[Session], int], str]
 ACTIONS: dict[str, tuple[str, JobAction]] = {
@@ -146,10 +149,10 @@ def list_jobs(config: NodeConfig, *, state: str | None = None, limit: int = DEFA
     table = _table("fusion jobs", (*columns, "stage times", "sends"))
     now = utcnow()
     with index_sessions(config) as sessions, sessions() as session:
-        if state != PairingOutcome.WAITING:
+        if state not in tuple(CtWaitState):
             _add_job_rows(table, session, state, limit, now)
-        if state in (None, PairingOutcome.WAITING):
-            _add_waiting_rows(table, session, now)
+        if state is None or state in tuple(CtWaitState):
+            _add_waiting_rows(table, session, now, state)
     console().print(table)
     return EXIT_OK
 
@@ -174,18 +177,21 @@ def _add_job_rows(
         )
 
 
-def _add_waiting_rows(table: Table, session: Session, now: datetime) -> None:
+def _add_waiting_rows(table: Table, session: Session, now: datetime, state: str | None) -> None:
     for d in pairing.waiting_cts(session):
+        wait, fetch = ct_wait_state(session, d.ct_series_uid)
+        if state is not None and wait != state:
+            continue
         until = f"until {d.window_closes_at:%Y-%m-%d}" if d.window_closes_at else "-"
         table.add_row(
             "-",
-            _styled(PairingOutcome.WAITING),
+            _styled(wait),
             d.patient_id,
             _short(d.ct_series_uid),
             "-",
             _age(d.decided_at, now),
-            "-",
-            "-",
+            str(fetch.attempts) if fetch is not None else "-",
+            f"prefetch {fetch.state}" if fetch is not None else "-",
             until,
         )
 
@@ -208,6 +214,8 @@ def _print_job(out: Console, session: Session, job: Job) -> None:
     out.print(_stages_table(job))
     out.print(_sends_table(job))
     out.print(_decisions_table(session, job))
+    for table in prefetch_tables_for_ct(session, job.ct_series_uid):
+        out.print(table)
 
 
 def _summary_table(job: Job) -> Table:

@@ -108,7 +108,7 @@ class _Node:
         self.scp = StorageSCP(cfg, self.store)
         self.worker = EmbeddedWorker(cfg, worker_config) if cfg.worker.embedded else None
         supervise = self.worker.supervise if self.worker is not None else None
-        self.scheduler = NodeScheduler(cfg, sessions, supervise=supervise)
+        self.scheduler = NodeScheduler(cfg, sessions, supervise=supervise, store=self.store)
 
     def start(self) -> None:
         """Listen, start the worker process (when embedded) and the periodic tasks."""

@@ -5,7 +5,8 @@ Completed series (:mod:`.completion`) are paired: for a complete axial CT (at le
 complete MR series of the same PatientID and IssuerOfPatientID (both must be equal; a missing
 issuer equals only a missing issuer) acquired within ``pairing.max_days_between`` days the one
 with the highest rule weight (``pairing.mr_rules``: SeriesDescription regexes), then the closest
-in time, then the one with more images. Without a usable MR the CT waits ("waiting") until
+in time, then the one with more images. An MR whose retrieval from the PACS is incomplete is
+held (:mod:`.retrieval_hold`). Without a usable MR the CT waits ("waiting") until
 ``max_days_between`` days after it was completed; then the decision becomes "expired". A new or
 changed MR re-runs the pairing of its patient's waiting CTs and of the CTs paired with it.
 
@@ -38,6 +39,7 @@ from dicom_node.models import (
 )
 from dicom_node.orchestration.completion import ScanResult, complete_quiet_series
 from dicom_node.orchestration.jobs import create_job
+from dicom_node.orchestration.retrieval_hold import held_series
 from dicom_node.states import PairingOutcome
 
 log = logging.getLogger(__name__)
@@ -319,6 +321,14 @@ def _rules(config: NodeConfig) -> list[tuple[str, float]]:
     return [(r.series_description_regex, float(r.weight)) for r in config.pairing.mr_rules]
 
 
+def _mr_candidates(session: Session, ct: SeriesInfo) -> tuple[list[SeriesInfo], dict[str, str]]:
+    """The CT patient's complete MR series, less those held because their retrieval from the
+    PACS is incomplete (returned apart, with the reason): a partial MR is never paired."""
+    candidates = _complete_series_of_patient(session, ct.patient_id, ct.issuer, "MR")
+    held = held_series(session, (c.series_uid for c in candidates))
+    return [c for c in candidates if c.series_uid not in held], held
+
+
 def pair_ct(session: Session, config: NodeConfig, ct: SeriesInfo, now: datetime) -> PairingDecision:
     """Decide the pairing of one complete CT revision; creates the job when an MR is chosen.
 
@@ -337,10 +347,14 @@ def pair_ct(session: Session, config: NodeConfig, ct: SeriesInfo, now: datetime)
         return _record(
             session, ct, None, PairingOutcome.IGNORED, f"CT not paired: {why_not}", now, None
         )
-    candidates = _complete_series_of_patient(session, ct.patient_id, ct.issuer, "MR")
+    candidates, held = _mr_candidates(session, ct)
     choice = choose_mr(
         ct, candidates, max_days=float(config.pairing.max_days_between), rules=_rules(config)
     )
+    if choice.mr is None and held:
+        choice.reason += "; held until retrieved complete: " + "; ".join(
+            f"{uid}: {why}" for uid, why in held.items()
+        )
     if choice.mr is None:
         closes = (ct.completed_at or now) + timedelta(days=config.pairing.max_days_between)
         if closes <= now:
@@ -506,3 +520,21 @@ def waiting_cts(session: Session) -> list[PairingDecision]:
         if latest is not None and latest.id == d.id:
             out.append(d)
     return out
+
+
+def latest_decision(session: Session, ct_uid: str) -> PairingDecision | None:
+    """The newest pairing decision of a CT series (None before its first): prefetch asks
+    whether the CT still waits before it queries the PACS."""
+    return _latest_decision(session, ct_uid)
+
+
+def mr_rules(config: NodeConfig) -> list[tuple[str, float]]:
+    """``pairing.mr_rules`` as the (regex, weight) pairs :func:`choose_mr` takes."""
+    return _rules(config)
+
+
+def complete_series_of_patient(
+    session: Session, patient_id: str, issuer: str, modality: str
+) -> list[SeriesInfo]:
+    """The complete series of one modality of a patient (PatientID within issuer)."""
+    return _complete_series_of_patient(session, patient_id, issuer, modality)

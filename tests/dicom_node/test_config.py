@@ -219,3 +219,34 @@ def test_config_is_immutable() -> None:
     cfg = NodeConfig()
     with pytest.raises(ValueError):
         cfg.node.port = 1
+
+
+def test_prefetch_section(tmp_path: Path) -> None:
+    """prefetch: off by default; source must name a destination; method is move or get."""
+    defaults = NodeConfig().prefetch
+    assert (defaults.enabled, defaults.source, defaults.method, defaults.max_series) == (
+        False,
+        None,
+        "move",
+        1,
+    )
+    pacs = {"ae_title": "PACS", "host": "10.0.0.1", "port": 104}
+    ok = read_config_file(
+        write(
+            tmp_path / "ok.yaml",
+            {
+                "destinations": {"pacs": pacs},
+                "prefetch": {"enabled": True, "source": "pacs", "method": "get", "max_series": 2},
+            },
+        )
+    )
+    assert ok.prefetch.method == "get" and ok.prefetch.source == "pacs"
+    bad = {
+        "unknown.yaml": ({"prefetch": {"source": "nope"}}, "prefetch.source names unknown"),
+        "nosource.yaml": ({"prefetch": {"enabled": True}}, "needs prefetch.source"),
+        "method.yaml": ({"prefetch": {"method": "push"}}, "prefetch.method"),
+        "series.yaml": ({"prefetch": {"max_series": 0}}, "prefetch.max_series"),
+    }
+    for name, (data, message) in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            read_config_file(write(tmp_path / name, data))

@@ -208,3 +208,18 @@ def test_clock_skew_is_measured_against_the_database_server(engine: Engine) -> N
         assert skew is None  # the database lives on this machine's clock
     else:
         assert skew is not None and abs(skew) < 1.0  # the server runs on this machine here
+
+
+def test_migrations_create_exactly_the_model_schema(tmp_path: Path) -> None:
+    """Every table, column, index and constraint of models.py is what the revisions make."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from dicom_node.models import Base
+
+    eng = make_engine(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+    migrate(eng)
+    with eng.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    eng.dispose()
+    assert diff == []

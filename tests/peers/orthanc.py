@@ -11,6 +11,11 @@ SIGKILL, for teardown); ``start()`` again brings it back on the same ports with 
 Orthanc 1.10 has no bind-address option: its DICOM port listens on all interfaces (the REST API
 refuses remote clients). Orthanc's DICOM layer is DCMTK, so it runs with ``TCP_NODELAY=1``.
 
+As a query/retrieve source (prefetch tests): ``Orthanc(workdir, modalities={"NODE": peer})``
+lists ``peer`` in ``DicomModalities`` with every DIMSE service allowed (C-FIND, C-MOVE, C-GET,
+C-STORE, C-ECHO), so Orthanc answers the node's queries and accepts it as a C-MOVE destination;
+:meth:`Orthanc.upload` loads files through the REST API (``POST /instances``).
+
 The REST helpers use only ``urllib``. Use :attr:`Orthanc.destination` wherever a destination
 (``ae_title``, ``host``, ``port``) is expected.
 """
@@ -60,6 +65,23 @@ def require_orthanc() -> str:
     return ORTHANC_BIN
 
 
+def _modalities_config(modalities: Mapping[str, Peer]) -> dict[str, Any]:
+    """``DicomModalities`` entries with every DIMSE service allowed (C-GET included)."""
+    return {
+        name: {
+            "AET": peer.ae_title,
+            "Host": peer.host,
+            "Port": peer.port,
+            "AllowEcho": True,
+            "AllowFind": True,
+            "AllowGet": True,
+            "AllowMove": True,
+            "AllowStore": True,
+        }
+        for name, peer in modalities.items()
+    }
+
+
 class OrthancError(RuntimeError):
     """Orthanc did not start, died, or a REST call failed."""
 
@@ -76,11 +98,14 @@ class Orthanc:
         dicom_port: int | None = None,
         config: Mapping[str, Any] | None = None,
         lua: str | None = None,
+        modalities: Mapping[str, Peer] | None = None,
     ) -> None:
         """Prepare (not start) an Orthanc in ``workdir``.
 
         ``config`` entries override the defaults (e.g. ``AcceptedTransferSyntaxes``);
-        ``lua`` is the text of a Lua script loaded at start (e.g. a ``ReceivedInstanceFilter``).
+        ``lua`` is the text of a Lua script loaded at start (e.g. a ``ReceivedInstanceFilter``);
+        ``modalities`` are the DICOM peers Orthanc knows (``DicomModalities``; every service
+        allowed: they may query, retrieve with C-GET and be C-MOVE destinations).
         """
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +115,7 @@ class Orthanc:
         self.dicom_port = dicom_port or free_port()
         self.extra_config = dict(config or {})
         self.lua = lua
+        self.modalities = dict(modalities or {})
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -131,7 +157,7 @@ class Orthanc:
             "DicomCheckModalityHost": False,
             "DicomAlwaysAllowEcho": True,
             "DicomAlwaysAllowStore": True,
-            "DicomModalities": {},
+            "DicomModalities": _modalities_config(self.modalities),
             "DicomScpTimeout": 30,
             "UnknownSopClassAccepted": False,
             "ConcurrentJobs": 1,
@@ -312,6 +338,27 @@ class Orthanc:
         for item in self.get_json("/instances?expand"):
             uids.add(str(item["MainDicomTags"]["SOPInstanceUID"]))
         return uids
+
+    def upload(self, *files: Path) -> list[str]:
+        """Load DICOM files through the REST API (``POST /instances``); their Orthanc ids."""
+        ids = []
+        for path in files:
+            req = urllib.request.Request(
+                self.url + "/instances", data=Path(path).read_bytes(), method="POST"
+            )
+            req.add_header("Content-Type", "application/dicom")
+            try:
+                with urllib.request.urlopen(req, timeout=30) as rsp:
+                    answer = json.loads(rsp.read())
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:500].decode(errors="replace")
+                raise OrthancError(f"upload {path} -> HTTP {exc.code}: {detail}") from exc
+            ids.append(str(answer["ID"]))
+        return ids
+
+    def upload_folder(self, folder: Path) -> list[str]:
+        """Load every ``*.dcm`` file of ``folder`` (sorted) through the REST API."""
+        return self.upload(*sorted(Path(folder).glob("*.dcm")))
 
     def statistics(self) -> dict[str, Any]:
         """``/statistics`` (counts and sizes)."""

@@ -24,11 +24,10 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from dicom_node.config import MAX_UID_ROOT_LENGTH, NodeConfig
 from dicom_node.errors import DeriveError
+from dicom_node.imaging.identity import MANUFACTURER, MODEL_NAME
 from dicom_node.imaging.volumes import SeriesVolume
 from dicom_node.states import DerivedKind
 
-MANUFACTURER = "mrct-fusion-node"
-MODEL_NAME = "MR-CT fusion node"
 NOT_FOR_DOSE = "not for dose calculation"
 FUSED_BITS_STORED = 12
 FUSED_MAX = (1 << FUSED_BITS_STORED) - 1
