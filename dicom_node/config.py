@@ -251,11 +251,12 @@ class JobsSection(_Section):
 
 
 class WorkerSection(_Section):
-    """``worker``: where and how the fusion worker computes."""
+    """``worker``: where and how the fusion worker computes, and whether serve runs one."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
     poll_seconds: Annotated[float, Field(gt=0)] = 2.0
+    embedded: bool = True
 
 
 class FusionSection(_Section):

@@ -53,6 +53,7 @@ def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
         ("storage", "root"),
         ("database", "url"),
         ("logging", "file"),
+        ("worker", "embedded"),
     ):
         if getattr(getattr(old, section), field) != getattr(getattr(new, section), field):
             keys.append(f"{section}.{field}")

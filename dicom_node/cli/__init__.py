@@ -17,6 +17,7 @@ from dicom_node.cli import (
     audit,
     config,
     fuse,
+    health,
     integrity,
     jobs,
     net,
@@ -26,7 +27,7 @@ from dicom_node.cli import (
 )
 from dicom_node.errors import EXIT_FAILURE, ConfigError, NodeError
 
-COMMAND_GROUPS = (serve, net, fuse, config, series, jobs, prefetch, integrity, audit, admin)
+COMMAND_GROUPS = (serve, net, fuse, config, series, jobs, prefetch, integrity, audit, admin, health)
 """Modules that register sub-commands (``add_parsers(sub, common)``), in help order."""
 
 EXIT_INTERRUPTED = 130

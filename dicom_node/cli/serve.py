@@ -1,5 +1,9 @@
 """``dicom-node serve`` (listener + scheduler + embedded worker) and ``dicom-node worker``.
 
+With ``worker.embedded: false`` serve runs no worker: it receives, pairs and retries sends, and
+``dicom-node worker`` processes on this or other machines (same ``database.url`` and
+``storage.root``) do the fusion.
+
 Both run with umask 077 (:data:`~dicom_node.storage.fsutil.PRIVATE_UMASK`): every file they or
 their libraries create holds or may hold patient data and is owner-only.
 """
@@ -37,7 +41,9 @@ MAIN_LOOP_TICK = 0.5
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``serve`` and ``worker``."""
-    p = sub.add_parser("serve", parents=[common], help="run the DICOM node (SCP + worker)")
+    p = sub.add_parser(
+        "serve", parents=[common], help="run the DICOM node (SCP + scheduler + embedded worker)"
+    )
     p.add_argument("--port", type=int, help="override node.port")
     p.add_argument("--ae-title", help="override node.ae_title")
     p.add_argument("--storage", type=Path, help="override storage.root")
@@ -67,7 +73,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the storage SCP, the scheduler and one embedded worker until SIGTERM/SIGINT."""
+    """Run the storage SCP, the scheduler and (``worker.embedded``) one worker until SIGTERM."""
     from dicom_node.logs import setup_logging
 
     overrides: dict[str, Any] = {
@@ -104,7 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     console = _start_console(cfg, path, watcher, node, overrides)
     try:
         while not stop.wait(MAIN_LOOP_TICK):
-            node.worker.supervise()  # from the main thread: see orchestration.parent
+            if node.worker is not None:
+                node.worker.supervise()  # from the main thread: see orchestration.parent
     finally:
         if console is not None:
             console.stop()
@@ -136,7 +143,8 @@ def _start_console(
         path,
         watcher=watcher,
         sessions=node.sessions,
-        worker_alive=lambda: worker.alive,
+        # without an embedded worker the workers run elsewhere: their state is unknown here
+        worker_alive=(lambda: worker.alive) if worker is not None else (lambda: None),
         overrides=overrides,
     )
 
@@ -145,9 +153,10 @@ class _Node:
     """The parts ``serve`` runs: index, store, listener, scheduler, embedded worker."""
 
     def __init__(self, cfg: NodeConfig, worker_config: Path | None, signature: str | None) -> None:
-        from dicom_node.db import make_engine, migrate, session_factory
+        from dicom_node.db import clock_skew_seconds, make_engine, migrate, session_factory
         from dicom_node.net.scp import StorageSCP
         from dicom_node.orchestration.embedded import EmbeddedWorker
+        from dicom_node.orchestration.jobs import check_clock
         from dicom_node.orchestration.scheduler import NodeScheduler
         from dicom_node.storage.reindex import reconcile_at_start, storage_lock
         from dicom_node.storage.store import Store
@@ -157,19 +166,23 @@ class _Node:
         self._lock.enter_context(storage_lock(cfg.storage.root, exclusive=False))
         self.engine = make_engine(cfg.database_url)
         migrate(self.engine)
+        check_clock(clock_skew_seconds(self.engine), cfg.jobs.lease_seconds)
         self.sessions = sessions = session_factory(self.engine)
         self.store = Store.from_config(cfg.storage, sessions)
         secure_index_files(self.store.guard.path)
         reconcile_at_start(self.store, sessions)
         self.scp = StorageSCP(cfg, self.store)
-        self.worker = EmbeddedWorker(cfg, worker_config, signature)
+        self.worker = EmbeddedWorker(cfg, worker_config, signature) if cfg.worker.embedded else None
         # the worker is supervised from serve's main thread (see orchestration.parent)
         self.scheduler = NodeScheduler(cfg, sessions, store=self.store)
 
     def start(self) -> None:
-        """Listen, start the worker process and the periodic tasks."""
+        """Listen, start the worker process (when embedded) and the periodic tasks."""
         self.scp.start()
-        self.worker.start()
+        if self.worker is not None:
+            self.worker.start()
+        else:
+            log.info("no embedded worker (worker.embedded: false): `dicom-node worker` runs jobs")
         self.scheduler.start()
 
     def reload(self, new: NodeConfig) -> None:
@@ -186,7 +199,8 @@ class _Node:
         self.scheduler.stop()
         clean = self.scp.stop(graceful=True)
         self.store.close()
-        self.worker.stop()  # the worker hands its job back to the queue
+        if self.worker is not None:
+            self.worker.stop()  # the worker hands its job back to the queue
         self.engine.dispose()
         self._lock.close()
         return clean

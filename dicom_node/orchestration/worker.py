@@ -8,7 +8,8 @@ associations. Any number of workers may share one database: claims are atomic (s
 For each claimed job the worker
 
 1. reuses the derived files of an earlier attempt when their manifest is complete (a retry
-   never recomputes), else reads both series, runs :func:`dicom_node.imaging.pipeline.run_pair`
+   never recomputes), else reads both series (through :mod:`dicom_node.storage.source`, the
+   shared storage root), runs :func:`dicom_node.imaging.pipeline.run_pair`
    (registering, fusing) and writes every derived instance plus the manifest
    (:mod:`dicom_node.storage.derived`, writing);
 2. sends to every destination once (sending); destinations that fail are left to the
@@ -24,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import traceback
@@ -52,7 +52,7 @@ from dicom_node.storage.derived import (
     read_manifest,
     write_job_outputs,
 )
-from dicom_node.storage.store import series_paths
+from dicom_node.storage.source import check_storage_root, series_source
 
 if TYPE_CHECKING:
     from dicom_node.imaging.pipeline import PipelineResult
@@ -78,7 +78,7 @@ class LeaseLost(Exception):  # noqa: N818
 
 def new_worker_id() -> str:
     """A worker identity unique across hosts and restarts: host:pid:random."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return jobs.owner_id(uuid.uuid4().hex[:6])
 
 
 @dataclass
@@ -123,13 +123,15 @@ def compute(ctx: Context, job: Job, folder: Path, tracker: _StageTracker) -> lis
     from dicom_node.imaging import pipeline  # heavy (torch, SimpleITK): only in the worker
 
     config = ctx.config
-    root = config.storage.root
-    ct_paths = series_paths(ctx.sessions, root, job.ct_series_uid)
-    mr_paths = series_paths(ctx.sessions, root, job.mr_series_uid)
-    if not ct_paths or not mr_paths:
-        raise SourceSeriesMissingError("source series no longer in the index (retention?)")
+    source = series_source(config, ctx.sessions)
     t0 = time.monotonic()
-    ct, mr = pipeline.read_pair(ct_paths, mr_paths, config=config)
+    with (
+        source.open_series(job.ct_series_uid) as ct_paths,
+        source.open_series(job.mr_series_uid) as mr_paths,
+    ):
+        if not ct_paths or not mr_paths:
+            raise SourceSeriesMissingError("source series no longer in the index (retention?)")
+        ct, mr = pipeline.read_pair(ct_paths, mr_paths, config=config)
     read_seconds = time.monotonic() - t0
     result = pipeline.run_pair(
         ct, mr, config=config, on_stage=tracker.on_stage, revision=job.revision
@@ -303,7 +305,7 @@ class _Loop:
         now = time.monotonic()
         if now - self.last_recovery >= max(RECOVERY_MIN_INTERVAL, cfg.lease_seconds / 2):
             self.last_recovery = now
-            jobs.recover_stale(ctx.sessions, cfg, local_host=socket.gethostname())
+            jobs.recover_stale(ctx.sessions, cfg, local_host=jobs.host_identity())
         job_id = jobs.claim_next(ctx.sessions, ctx.worker_id)
         if job_id is not None:
             self.busy.set()
@@ -379,16 +381,18 @@ def main(
 
     ``config_file``: when it exists it is watched, so routing and destination edits apply to
     later sends without a restart; ``signature``: that of the content ``config`` came from
-    (see :class:`~dicom_node.config_watch.ConfigWatcher`).
+    (see :class:`~dicom_node.config_watcher.ConfigWatcher`).
     """
-    from dicom_node.db import make_engine, migrate, session_factory
+    from dicom_node.db import clock_skew_seconds, make_engine, migrate, session_factory
 
+    check_storage_root(config.storage.root)
     configure_compute(config)
     engine = make_engine(config.database_url)
     stop = stop or threading.Event()
     if not _migrate_when_possible(engine, migrate, stop):
         engine.dispose()
         return 0
+    jobs.check_clock(clock_skew_seconds(engine), config.jobs.lease_seconds)
     watcher: ConfigWatcher | None = None
     if config_file is not None and Path(config_file).exists():
         if signature is None:

@@ -1,9 +1,10 @@
-"""Store and index against a real SQLite database on disk (no network)."""
+"""Store and index against a real database (SQLite on disk and PostgreSQL; no network)."""
 
 from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -31,10 +32,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    eng = make_engine(f"sqlite:///{tmp_path / 'db' / 'index.sqlite3'}")
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = make_engine(database_url)
     migrate(eng)
-    return eng
+    yield eng
+    eng.dispose()
 
 
 @pytest.fixture
@@ -176,14 +178,24 @@ def test_free_space_floor(tmp_path: Path, engine: Engine, ct_files: list[Path]) 
     assert files_under(store.root) == []
 
 
+REFUSE_INSERTS = {
+    "sqlite": [
+        "CREATE TRIGGER refuse BEFORE INSERT ON instances "
+        "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql "
+        "AS $$ BEGIN RAISE EXCEPTION 'disk on fire'; END $$",
+        "CREATE TRIGGER refuse BEFORE INSERT ON instances FOR EACH ROW EXECUTE FUNCTION refuse()",
+    ],
+}
+"""A trigger that makes every instance insert fail, per backend."""
+
+
 def test_index_failure_leaves_no_file(store: Store, engine: Engine, ct_files: list[Path]) -> None:
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE TRIGGER refuse BEFORE INSERT ON instances "
-                "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-            )
-        )
+        for statement in REFUSE_INSERTS[engine.dialect.name]:
+            conn.execute(text(statement))
     with pytest.raises(StorageError) as err:
         store.store_encoded(encoded(ct_files[8]), calling_aet="A", peer="p")
     assert err.value.status == STATUS_OUT_OF_RESOURCES
