@@ -40,7 +40,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     tls = f"TLS port {node.tls.port}" if node.tls else "no TLS"
     print(
         f"  node: AE {node.ae_title!r} on {node.host}, plain port {node.port or 'off'}, {tls}, "
-        f"allowed callers: {', '.join(node.allowed_calling_aets) or 'ANY (warning)'}"
+        f"allowed callers: {', '.join(node.calling_aets) or 'ANY (warning)'}"
     )
     print(f"  storage: {cfg.storage.root} (min free {cfg.storage.min_free_mb} MB)")
     print(f"  database: {redacted_url(cfg.database_url)}")

@@ -35,6 +35,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig, read_config_file
@@ -59,6 +61,11 @@ log = logging.getLogger(__name__)
 
 RECOVERY_MIN_INTERVAL = 0.5
 """Shortest interval between two stale-lease recoveries run by an idle worker (seconds)."""
+
+DB_RETRY_FIRST = 1.0
+DB_RETRY_MAX = 30.0
+"""Backoff (seconds) while the database cannot be used (locked, unreachable): the worker waits
+and tries again rather than exiting."""
 
 
 class WorkerStopping(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -313,6 +320,46 @@ class _Loop:
         return False
 
 
+def _migrate_when_possible(
+    engine: Engine, migrate: Callable[[Engine], None], stop: threading.Event
+) -> bool:
+    """Migrate the schema, waiting while the database cannot be used; False when stopped."""
+    delay = DB_RETRY_FIRST
+    while not stop.is_set():
+        try:
+            migrate(engine)
+            return True
+        except OperationalError as exc:
+            log.warning(
+                "database unavailable at start (%s); retrying in %.0f s",
+                str(exc.orig or exc).splitlines()[0],
+                delay,
+            )
+            stop.wait(delay)
+            delay = min(delay * 2, DB_RETRY_MAX)
+    return False
+
+
+def _run_loop(loop: _Loop, max_jobs: int | None) -> None:
+    """Tick until stopped; a database that cannot be used is waited for, never fatal."""
+    done = 0
+    delay = DB_RETRY_FIRST
+    while not loop.stop.is_set() and (max_jobs is None or done < max_jobs):
+        try:
+            done += loop.tick()
+        except OperationalError as exc:
+            log.warning(
+                "worker %s: database unavailable (%s); retrying in %.0f s",
+                loop.ctx.worker_id,
+                str(exc.orig or exc).splitlines()[0],
+                delay,
+            )
+            loop.stop.wait(delay)
+            delay = min(delay * 2, DB_RETRY_MAX)
+            continue
+        delay = DB_RETRY_FIRST
+
+
 def _file_config(path: Path, fallback: NodeConfig) -> NodeConfig:
     """The config file as it reads now; ``fallback`` (logged) when it is invalid."""
     try:
@@ -328,30 +375,36 @@ def main(
     *,
     stop: threading.Event | None = None,
     max_jobs: int | None = None,
+    signature: str | None = None,
 ) -> int:
     """Run a worker until SIGTERM/SIGINT (or ``stop`` is set); returns the exit code.
 
     ``config_file``: when it exists it is watched, so routing and destination edits apply to
-    later sends without a restart.
+    later sends without a restart; ``signature``: that of the content ``config`` came from
+    (see :class:`~dicom_node.config_watcher.ConfigWatcher`).
     """
     from dicom_node.db import clock_skew_seconds, make_engine, migrate, session_factory
 
     check_storage_root(config.storage.root)
     configure_compute(config)
     engine = make_engine(config.database_url)
-    migrate(engine)
+    stop = stop or threading.Event()
+    if not _migrate_when_possible(engine, migrate, stop):
+        engine.dispose()
+        return 0
     jobs.check_clock(clock_skew_seconds(engine), config.jobs.lease_seconds)
     watcher: ConfigWatcher | None = None
     if config_file is not None and Path(config_file).exists():
-        # The file may have changed since this process was spawned (the console saves within
-        # seconds of a start): the watcher's baseline must be the file as it reads now.
-        config = _file_config(Path(config_file), config)
-        watcher = ConfigWatcher(Path(config_file), config)
+        if signature is None:
+            # The file may have changed since this process was spawned (the console saves
+            # within seconds of a start): the watcher's baseline must be the file as it reads now.
+            config = _file_config(Path(config_file), config)
+            watcher = ConfigWatcher(Path(config_file), config)
+        else:  # from serve, with the signature of the content `config` came from
+            watcher = ConfigWatcher(Path(config_file), config, signature=signature)
         watcher.start()
     source: Callable[[], NodeConfig] = (lambda: watcher.current) if watcher else (lambda: config)
-    loop = _Loop(
-        Context(source, session_factory(engine), new_worker_id()), stop or threading.Event()
-    )
+    loop = _Loop(Context(source, session_factory(engine), new_worker_id()), stop)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, loop.on_signal)
         signal.signal(signal.SIGINT, loop.on_signal)
@@ -361,10 +414,8 @@ def main(
         compute_summary(config),
         config.worker.threads or "default",
     )
-    done = 0
     try:
-        while not loop.stop.is_set() and (max_jobs is None or done < max_jobs):
-            done += loop.tick()
+        _run_loop(loop, max_jobs)
     except WorkerStopping:
         pass
     finally:
