@@ -77,7 +77,7 @@ def node_cmd(port: int, aet: str, out: Path, work: Path) -> tuple[list[str], dic
         f"  ae_title: {aet}\n"
         "  host: 127.0.0.1\n"
         f"  port: {port}\n"
-        "  allowed_calling_aets: []\n"
+        "  allowed_calling_aets: ANY\n"
         "storage:\n"
         f"  root: {out}\n"
         "  min_free_mb: 1\n"

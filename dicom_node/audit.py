@@ -42,11 +42,23 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from dicom_node.audit_log import Verification, line_digest, read_log, verify_log
 from dicom_node.audit_syslog import SyslogSender
 from dicom_node.config import NodeConfig
 from dicom_node.config_security import SyslogSection
 from dicom_node.config_watcher import ConfigChange
 from dicom_node.states import AuditEvent, JobAction
+
+__all__ = [
+    "AuditTrail",
+    "Verification",
+    "flush_all",
+    "job_action",
+    "line_digest",
+    "read_log",
+    "trail",
+    "verify_log",
+]
 
 log = logging.getLogger(__name__)
 
@@ -217,11 +229,6 @@ def _last_line(fd: int) -> bytes | None:
     tail = os.pread(fd, size - start, start)
     lines = tail.rstrip(b"\n").split(b"\n")
     return lines[-1] if lines and lines[-1] else None
-
-
-def line_digest(line: bytes) -> str:
-    """The ``prev`` value that the record after ``line`` carries."""
-    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
 
 
 class AuditTrail:
@@ -575,46 +582,3 @@ def job_action(
         action, job_id, result=result, ok=ok, user=user, patient_id=patient_id, issuer=issuer
     )
     t.flush()
-
-
-# -- reading -------------------------------------------------------------------------------
-@dataclass
-class Verification:
-    """What :func:`verify_log` found."""
-
-    records: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Every record of an audit log, oldest first (unparseable lines skipped)."""
-    out = []
-    for line in path.read_bytes().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def verify_log(path: Path) -> Verification:
-    """Check the hash chain of an audit log: every line must name its predecessor's digest.
-
-    The first line's ``prev`` is not checked (the log may have been rotated before it).
-    """
-    result = Verification()
-    previous: bytes | None = None
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            result.problems.append(f"line {number}: not JSON (cut short or edited)")
-            previous = line
-            continue
-        result.records += 1
-        if previous is not None and entry.get("prev") != line_digest(previous):
-            result.problems.append(f"line {number}: chain broken (a line before it changed)")
-        previous = line
-    return result

@@ -15,10 +15,13 @@ place.
 from __future__ import annotations
 
 import copy
+import hashlib
+import ipaddress
 import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -53,11 +56,44 @@ DEFAULT_HTTP_PORT = 8080
 PASSWORD_FILE = Path("console") / "users.json"
 """Admin console password hashes, below ``storage.root`` unless ``http.password_file`` says."""
 
+DEFAULT_MAX_INSTANCE_MB = 2048
+"""Largest instance the node stores: an Enhanced CT/MR of a whole-body acquisition stays far
+below it; anything larger is refused (received instances are streamed to disk, so the limit
+bounds disk and worker memory, not the listener's)."""
+
+DEFAULT_MAX_ROWS_COLUMNS = 8192
+"""Largest Rows or Columns accepted: CT and MR images are at most a few thousand pixels wide."""
+
 DEFAULT_MAX_GAP_MM = 10.0
 """Widest gap between stored slices of a series that is still read as one volume."""
 
 _DEST_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+ANY_CALLER = "ANY"
+"""``node.allowed_calling_aets: ANY``: any calling AE title may store, said explicitly (read as
+the empty list, which means the same but may also be an accident; see
+:mod:`dicom_node.config_watcher`)."""
+
+DEFAULT_ASSOCIATION_REQUEST_TIMEOUT = 10.0
+"""Seconds a new connection may take to send its A-ASSOCIATE-RQ (real peers need milliseconds)."""
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+def _check_host_pin(value: str) -> str:
+    """An IP address, a network in CIDR notation, or a host name (resolved when applied)."""
+    text = value.strip()
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return text
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.match(text):
+        raise ValueError(f"{value!r} is not an IP address, a network (a.b.c.d/n) or a host name")
+    return text
 
 
 class NodeSection(_Section):
@@ -68,7 +104,12 @@ class NodeSection(_Section):
     port: Port | None = 11112
     tls: TlsServerSection | None = None
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    calling_aet_hosts: dict[AETitle, list[str]] = Field(default_factory=dict)
+    accept_any_called_aet: bool = False
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
+    association_request_timeout_seconds: Annotated[float, Field(gt=0)] = (
+        DEFAULT_ASSOCIATION_REQUEST_TIMEOUT
+    )
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     shutdown_timeout_seconds: Annotated[float, Field(ge=0)] = 300.0
 
@@ -77,10 +118,54 @@ class NodeSection(_Section):
     def _ae(cls, v: str) -> str:
         return check_ae_title(v)
 
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _any(cls, v: Any) -> Any:
+        """``ANY`` (any case) is the explicit spelling of the empty list: anyone may store."""
+        if v is None:
+            return []
+        if isinstance(v, str):
+            if v.strip().upper() == ANY_CALLER:
+                return []
+            raise ValueError(f"must be a list of AE titles, or {ANY_CALLER}")
+        return v
+
     @field_validator("allowed_calling_aets")
     @classmethod
     def _aets(cls, v: list[str]) -> list[str]:
         return [check_ae_title(x) for x in v]
+
+    @field_validator("calling_aet_hosts")
+    @classmethod
+    def _pins(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        pins: dict[str, list[str]] = {}
+        for aet, hosts in v.items():
+            if not hosts:
+                raise ValueError(f"{aet}: give at least one host, address or network")
+            pins[check_ae_title(aet)] = [_check_host_pin(h) for h in hosts]
+        return pins
+
+    @model_validator(mode="after")
+    def _pins_name_allowed_aets(self) -> NodeSection:
+        if self.accepts_any_caller:
+            return self
+        unknown = [aet for aet in self.calling_aet_hosts if aet not in self.allowed_calling_aets]
+        if unknown:
+            raise ValueError(
+                f"calling_aet_hosts names AE title(s) not in allowed_calling_aets: "
+                f"{', '.join(unknown)}"
+            )
+        return self
+
+    @property
+    def accepts_any_caller(self) -> bool:
+        """True when any calling AE title may store (``ANY``, or the list left empty)."""
+        return not self.allowed_calling_aets
+
+    @property
+    def calling_aets(self) -> tuple[str, ...]:
+        """The allowed calling AE titles (empty when any caller may store)."""
+        return tuple(self.allowed_calling_aets)
 
     @model_validator(mode="after")
     def _listens(self) -> NodeSection:
@@ -96,6 +181,8 @@ class StorageSection(_Section):
 
     root: Path = Path(DEFAULT_STORAGE_DIR)
     min_free_mb: Annotated[int, Field(ge=0)] = 500
+    max_instance_mb: Annotated[int, Field(ge=1)] = DEFAULT_MAX_INSTANCE_MB
+    max_rows_columns: Annotated[int, Field(ge=1, le=65535)] = DEFAULT_MAX_ROWS_COLUMNS
 
 
 class DatabaseSection(_Section):
@@ -164,11 +251,12 @@ class JobsSection(_Section):
 
 
 class WorkerSection(_Section):
-    """``worker``: where and how the fusion worker computes."""
+    """``worker``: where and how the fusion worker computes, and whether serve runs one."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
     poll_seconds: Annotated[float, Field(gt=0)] = 2.0
+    embedded: bool = True
 
 
 class FusionSection(_Section):
@@ -405,16 +493,40 @@ def parse_config(
     return _resolve_paths(cfg, base)
 
 
-def read_config_file(path: Path, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
-    """Read and validate one YAML file; raises :class:`ConfigError` naming file, key, problem."""
+@dataclass(frozen=True)
+class ConfigSnapshot:
+    """A config together with what it was read from: the YAML data as written and the
+    SHA-256 of the file's bytes (None for the embedded defaults), so a watcher can tell a later
+    edit from the content this config came from."""
+
+    config: NodeConfig
+    raw: Any
+    signature: str | None
+
+
+def file_signature(data: bytes) -> str:
+    """The signature of a config file's content."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """The bytes of a config file; :class:`ConfigError` when it is missing or unreadable."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def parse_config_bytes(
+    path: Path, data: bytes, overrides: Mapping[str, Any] | None = None
+) -> ConfigSnapshot:
+    """Validate the content ``data`` of config file ``path`` (see :func:`read_config_file`)."""
     try:
-        data = yaml.safe_load(text)
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -422,7 +534,13 @@ def read_config_file(path: Path, overrides: Mapping[str, Any] | None = None) -> 
             where = f"line {mark.line + 1}, column {mark.column + 1}: "
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
-    return parse_config(data, source=str(path), base=path.parent.resolve(), overrides=overrides)
+    cfg = parse_config(raw, source=str(path), base=path.parent.resolve(), overrides=overrides)
+    return ConfigSnapshot(cfg, raw, file_signature(data))
+
+
+def read_config_file(path: Path, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
+    """Read and validate one YAML file; raises :class:`ConfigError` naming file, key, problem."""
+    return parse_config_bytes(path, read_file_bytes(path), overrides).config
 
 
 def config_path(path: Path | None = None) -> tuple[Path, bool]:
@@ -435,6 +553,18 @@ def config_path(path: Path | None = None) -> tuple[Path, bool]:
     return DEFAULT_CONFIG_PATH.absolute(), False
 
 
+def load_config_snapshot(
+    path: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> tuple[ConfigSnapshot, Path]:
+    """:func:`load_config`, keeping what the config was read from (for a watcher)."""
+    resolved, explicit = config_path(path)
+    if resolved.exists() or explicit:
+        return parse_config_bytes(resolved, read_file_bytes(resolved), overrides), resolved
+    log.debug("no config file at %s: using embedded defaults", resolved)
+    cfg = parse_config({}, source="(defaults)", base=Path.cwd(), overrides=overrides)
+    return ConfigSnapshot(cfg, None, None), resolved
+
+
 def load_config(
     path: Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> tuple[NodeConfig, Path]:
@@ -445,8 +575,5 @@ def load_config(
     defaults are used with paths relative to the working directory. ``overrides`` maps dotted
     keys (``"node.port"``) to values that replace the file's (command-line flags).
     """
-    resolved, explicit = config_path(path)
-    if resolved.exists() or explicit:
-        return read_config_file(resolved, overrides), resolved
-    log.debug("no config file at %s: using embedded defaults", resolved)
-    return parse_config({}, source="(defaults)", base=Path.cwd(), overrides=overrides), resolved
+    snapshot, resolved = load_config_snapshot(path, overrides)
+    return snapshot.config, resolved

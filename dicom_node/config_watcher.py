@@ -1,16 +1,26 @@
 """Live reload of the config file: poll, validate, hand a new config to the running parts.
 
 :class:`ConfigWatcher` is the only code that re-reads the file while the node runs (through
-:func:`dicom_node.config.read_config_file`, so a reload is validated exactly like a start).
+:func:`dicom_node.config.parse_config_bytes`, so a reload is validated exactly like a start).
 A change applies only once the same new content has been seen on two consecutive polls, an
 invalid edit keeps the last good config, and every reload, applied or rejected, is reported to
 change listeners (the audit trail).
+
+A reload must never open the node by accident, so besides being valid a new version must
+
+- have a ``node`` section (an empty or cut-off file, or one saved without it, is refused);
+- say ``allowed_calling_aets: ANY`` explicitly when it would let any calling AE store while the
+  running config does not (a list emptied or deleted by mistake is refused);
+
+otherwise the last good config stays in force and an ERROR says why. A deleted file keeps the
+last good config the same way. Keys that only take effect after a restart
+(:func:`restart_needed`) are compared with the config the process *started* with, so
+restoring a file logs no false "restart" warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -20,7 +30,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dicom_node.config import NodeConfig, read_config_file
+from dicom_node.config import (
+    ANY_CALLER,
+    ConfigSnapshot,
+    NodeConfig,
+    file_signature,
+    parse_config_bytes,
+)
 from dicom_node.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,9 +49,11 @@ def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
         ("node", "host"),
         ("node", "port"),
         ("node", "network_timeout_seconds"),
+        ("node", "association_request_timeout_seconds"),
         ("storage", "root"),
         ("database", "url"),
         ("logging", "file"),
+        ("worker", "embedded"),
     ):
         if getattr(getattr(old, section), field) != getattr(getattr(new, section), field):
             keys.append(f"{section}.{field}")
@@ -45,6 +63,27 @@ def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
     if old.http != new.http:
         keys.append("http")
     return keys
+
+
+def check_reload_is_safe(path: Path, snapshot: ConfigSnapshot, current: NodeConfig) -> None:
+    """Raise :class:`ConfigError` when applying ``snapshot`` could open the node by accident."""
+    raw = snapshot.raw
+    node = raw.get("node") if isinstance(raw, dict) else None
+    if not isinstance(node, dict):
+        raise ConfigError(
+            f"{path}: node: section missing (an empty or cut-off file?); a reload needs the "
+            "node section with allowed_calling_aets"
+        )
+    opens = snapshot.config.node.accepts_any_caller and not current.node.accepts_any_caller
+    if opens and str(node.get("allowed_calling_aets")).strip().upper() != ANY_CALLER:
+        raise ConfigError(
+            f"{path}: node.allowed_calling_aets: missing or empty, which would let any calling "
+            f"AE store; list the AE titles, or write `allowed_calling_aets: {ANY_CALLER}` to "
+            "allow any caller on purpose"
+        )
+
+
+_UNSET: Any = object()
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -83,9 +122,12 @@ class ConfigWatcher:
     The file is checked every ``interval`` seconds (at most 1 s by default) by a daemon
     thread; :meth:`check` does one poll and can be called from a scheduler instead. A change
     is applied only once the same new content has been seen on two consecutive polls, so a file
-    caught half-written by an editor (empty, say, which would mean "all defaults" and an open
-    allow-list) is never applied. An invalid edit is logged as an error and the last good config
-    stays in force.
+    caught half-written by an editor is never applied. An invalid edit, or one that would open
+    the node by accident (see the module docstring), is logged as an error and the last good
+    config stays in force. ``signature`` is the :func:`~dicom_node.config.file_signature` of the
+    content ``initial`` was parsed from (:func:`~dicom_node.config.load_config_snapshot`): an
+    edit saved after that, while the process was still starting, is then applied by the first
+    polls. Without it the file as it is now counts as applied.
     """
 
     def __init__(
@@ -95,13 +137,15 @@ class ConfigWatcher:
         *,
         overrides: Mapping[str, Any] | None = None,
         interval: float = 1.0,
+        signature: str | None = _UNSET,
     ) -> None:
         """Watch ``path``, starting from the already loaded ``initial`` config."""
         self.path = path
         self.interval = interval
         self._overrides = dict(overrides or {})
+        self._running = initial
         self._current = initial
-        self._signature = self._file_signature()
+        self._signature = self._read()[1] if signature is _UNSET else signature
         self._pending: str | None = None
         self._subscribers: list[Subscriber] = []
         self._listeners: list[ChangeListener] = []
@@ -129,16 +173,17 @@ class ConfigWatcher:
             except Exception:
                 log.exception("config change listener %r failed", listener)
 
-    def _file_signature(self) -> str | None:
+    def _read(self) -> tuple[bytes | None, str | None]:
         try:
-            return hashlib.sha256(self.path.read_bytes()).hexdigest()
+            data = self.path.read_bytes()
         except OSError:
-            return None
+            return None, None
+        return data, file_signature(data)
 
     def check(self) -> bool:
         """Poll once; reload and notify when the file changed. True when a new config applied."""
         with self._lock:
-            sig = self._file_signature()
+            data, sig = self._read()
             if sig == self._signature:
                 self._pending = None
                 return False
@@ -147,27 +192,37 @@ class ConfigWatcher:
                 return False
             self._pending = None
             self._signature = sig
-            if sig is None:
+            if data is None:
                 log.error("config file %s disappeared; keeping the last good config", self.path)
                 self._tell(ConfigChange(self.path, applied=False, error="file disappeared"))
                 return False
             try:
-                new = read_config_file(self.path, self._overrides)
+                snapshot = parse_config_bytes(self.path, data, self._overrides)
+                check_reload_is_safe(self.path, snapshot, self._current)
             except ConfigError as exc:
                 log.error("config reload rejected, keeping the last good config:\n%s", exc)
                 self._tell(ConfigChange(self.path, applied=False, error=str(exc), sha256=sig))
                 return False
-            old, self._current = self._current, new
-            self._tell(ConfigChange(self.path, True, changed_keys(old, new), sha256=sig))
-            for key in restart_needed(old, new):
-                log.warning("config %s changed in %s: takes effect after a restart", key, self.path)
-            log.info("config reloaded from %s", self.path)
-            for callback in self._subscribers:
-                try:
-                    callback(new)
-                except Exception:
-                    log.exception("config reload subscriber %r failed", callback)
+            self._apply(snapshot.config, sig)
             return True
+
+    def _apply(self, new: NodeConfig, sig: str | None) -> None:
+        old, self._current = self._current, new
+        self._tell(ConfigChange(self.path, True, changed_keys(old, new), sha256=sig))
+        changed_now = set(restart_needed(old, new))
+        pending_before = set(restart_needed(self._running, old))
+        pending_now = restart_needed(self._running, new)
+        for key in pending_now:
+            if key in changed_now:
+                log.warning("config %s changed in %s: takes effect after a restart", key, self.path)
+        for key in sorted(pending_before & changed_now - set(pending_now)):
+            log.info("config %s is back to the value this process runs with", key)
+        log.info("config reloaded from %s", self.path)
+        for callback in self._subscribers:
+            try:
+                callback(new)
+            except Exception:
+                log.exception("config reload subscriber %r failed", callback)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

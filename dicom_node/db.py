@@ -2,7 +2,9 @@
 
 One engine per process. SQLite runs in WAL mode with foreign keys, a busy timeout (the SCP and
 the worker are separate processes sharing the file) and ``synchronous=FULL`` so that an index
-row is durable when the C-STORE response says Success.
+row is durable when the C-STORE response says Success. PostgreSQL (``postgresql+psycopg://``,
+the ``postgres`` extra) is the backend for workers on several machines; its pooled connections
+are checked before use, so a restarted or failed-over server costs a reconnect, not an error.
 
 The schema is migrated with Alembic (revisions in :mod:`dicom_node.migrations`) by
 :func:`migrate`, which every process calls at start-up; concurrent starts are serialised by a
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +31,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.errors import StorageError
+from dicom_node.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,11 @@ def _sqlite_file(engine_or_url: Engine | str) -> Path | None:
     return Path(db)
 
 
+def redacted_url(url: str) -> str:
+    """``url`` for display: the password (if the URL holds one) replaced by ``***``."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def make_engine(url: str) -> Engine:
     """Create the process's engine; for SQLite create the folder and set the pragmas."""
     kwargs: dict[str, Any] = {}
@@ -72,7 +80,16 @@ def make_engine(url: str) -> Engine:
             raise StorageError(f"cannot create the database folder for {db_file}: {exc}") from exc
     if is_sqlite:
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
-    engine = create_engine(url, **kwargs)
+    else:
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = create_engine(url, **kwargs)
+    except ImportError as exc:
+        raise ConfigError(
+            f"database.url needs the database driver {exc.name!r}, which is not installed "
+            f"(PostgreSQL: pip install 'mrct-fusion-node[postgres]' and a "
+            f"postgresql+psycopg:// URL)"
+        ) from None
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -159,6 +176,22 @@ def migrate(engine: Engine) -> None:
             )
         log.info("migrating database schema %s -> %s", current or "(empty)", head)
         command.upgrade(cfg, "head")
+
+
+def clock_skew_seconds(engine: Engine) -> float | None:
+    """This machine's UTC clock minus the database server's, in seconds (None for SQLite,
+    which lives on this machine's clock).
+
+    Workers on several machines write heartbeats with their own clocks and judge each other's
+    leases with theirs, so a clock far off the others' would take jobs from live workers.
+    """
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as conn:
+        before = time.time()
+        server = conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one()
+        after = time.time()
+    return (before + after) / 2 - float(server)
 
 
 def _known_revisions() -> set[str]:

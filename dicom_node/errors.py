@@ -24,10 +24,16 @@ EXIT_NETWORK = 69  # EX_UNAVAILABLE
 EXIT_DATA = 65  # EX_DATAERR
 EXIT_IO = 74  # EX_IOERR
 
-# DIMSE statuses used by the C-STORE SCP.
+# DIMSE statuses used by the C-STORE SCP (PS3.4 B.2.3: A7xx out of resources, A9xx data set
+# does not match SOP class, Cxxx cannot understand). The low byte tells the causes apart; the
+# response's Error Comment says why in words.
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_INSTANCE_TOO_LARGE = 0xA701
+STATUS_INDEX_UNAVAILABLE = 0xA702
 STATUS_DATASET_MISMATCH = 0xA900
+STATUS_ENCODING_MISMATCH = 0xA901
+STATUS_PIXEL_DATA_MISMATCH = 0xA902
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0x0110
 
@@ -66,6 +72,27 @@ class SOPClassMismatchError(InvalidDatasetError):
     status = STATUS_DATASET_MISMATCH
 
 
+class EncodingMismatchError(InvalidDatasetError):
+    """The dataset is not encoded in the transfer syntax negotiated for it (e.g. implicit VR
+    bytes on an explicit VR presentation context)."""
+
+    status = STATUS_ENCODING_MISMATCH
+
+
+class PixelDataError(InvalidDatasetError):
+    """Pixel Data is missing, or does not match Rows, Columns, Samples per Pixel, Bits
+    Allocated and Number of Frames, or Rows/Columns are out of bounds."""
+
+    status = STATUS_PIXEL_DATA_MISMATCH
+
+
+class InstanceTooLargeError(NodeError):
+    """A received instance is larger than ``storage.max_instance_mb`` (the same every time)."""
+
+    status = STATUS_INSTANCE_TOO_LARGE
+    exit_code = EXIT_DATA
+
+
 class StorageFullError(NodeError):
     """Free disk space is below the configured floor, or a write failed for lack of space."""
 
@@ -80,6 +107,16 @@ class StorageError(NodeError):
     status = STATUS_OUT_OF_RESOURCES
     exit_code = EXIT_IO
     retryable = True
+
+
+class IndexUnavailableError(StorageError):
+    """The index database cannot take rows: its file was deleted or replaced while in use.
+
+    Nothing is acknowledged until an administrator restores it (``dicom-node reindex``) and
+    restarts the node; senders retry the failure status later.
+    """
+
+    status = STATUS_INDEX_UNAVAILABLE
 
 
 class ConflictingInstanceError(NodeError):

@@ -14,8 +14,9 @@ import pytest
 
 from tests.peers.node import NodeProcess, node_config, start_node
 from tests.peers.orthanc import Orthanc, require_orthanc
+from tests.peers.postgres import PostgresCluster, require_cluster
 from tests.support.data import SMALL_CT, SMALL_MR, fixture_files
-from tests.support.indexed import IndexedNode, make_indexed_node
+from tests.support.indexed import DATABASE_BACKENDS, IndexedNode, make_indexed_node
 
 
 @pytest.fixture
@@ -82,9 +83,51 @@ def mr_files() -> list[Path]:
     return fixture_files(SMALL_MR)
 
 
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for the whole session, stopped and deleted at its end.
+
+    Skipped with the reason when PostgreSQL cannot start here; under ``scripts/test.sh`` (CI)
+    that is a failure instead.
+    """
+    cluster = require_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=DATABASE_BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database: each test using it runs on SQLite and on PostgreSQL.
+
+    SQLite: a file under ``tmp_path``. PostgreSQL: a fresh database on the session's cluster,
+    dropped after the test.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db' / 'index.sqlite3'}"
+    else:
+        yield request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
-def indexed_node(tmp_path: Path) -> Iterator[IndexedNode]:
-    """A config, index and store under ``tmp_path`` with fast orchestration settings."""
-    node = make_indexed_node(tmp_path)
+def postgres_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    name = postgres_cluster.create_database()
+    yield postgres_cluster.url(name)
+    postgres_cluster.drop_database(name)
+
+
+@pytest.fixture
+def indexed_node(tmp_path: Path, database_url: str) -> Iterator[IndexedNode]:
+    """A config, index and store under ``tmp_path`` with fast orchestration settings
+    (on SQLite and on PostgreSQL: see ``database_url``)."""
+    node = make_indexed_node(tmp_path, database={"url": database_url})
+    yield node
+    node.close()
+
+
+@pytest.fixture
+def postgres_node(tmp_path: Path, postgres_url: str) -> Iterator[IndexedNode]:
+    """An :func:`indexed_node` on PostgreSQL only (tests of row locks and other PG behaviour)."""
+    node = make_indexed_node(tmp_path, database={"url": postgres_url})
     yield node
     node.close()

@@ -32,7 +32,6 @@ RESEARCH_USERS = ("fusion_engine/research/", "fusion_engine/cli.py")
 research command line); everything else is what a worker runs."""
 
 UNTESTED_ON_PURPOSE: dict[str, str] = {
-    "dicom_node/logs.py": "logging set-up, exercised by every node process started in tests",
     "dicom_node/cli/common.py": "argument and console helpers of the command modules' tests",
     "dicom_node/cli/serve.py": "serve/worker wiring, run as real processes by the e2e tests",
     "dicom_node/cli/net.py": "echo/send commands, tested in tests/dicom_node/cli/test_cli.py",

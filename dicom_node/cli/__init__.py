@@ -12,10 +12,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dicom_node.cli import admin, audit, config, fuse, jobs, net, prefetch, series, serve
+from dicom_node.cli import (
+    admin,
+    audit,
+    config,
+    fuse,
+    health,
+    integrity,
+    jobs,
+    net,
+    prefetch,
+    series,
+    serve,
+)
 from dicom_node.errors import EXIT_FAILURE, ConfigError, NodeError
 
-COMMAND_GROUPS = (serve, net, fuse, config, series, jobs, prefetch, audit, admin)
+COMMAND_GROUPS = (serve, net, fuse, config, series, jobs, prefetch, integrity, audit, admin, health)
 """Modules that register sub-commands (``add_parsers(sub, common)``), in help order."""
 
 EXIT_INTERRUPTED = 130

@@ -13,6 +13,7 @@ from typing import Any
 
 from dicom_node.config import NodeConfig, config_path, read_config_file
 from dicom_node.config_security import DestinationTls
+from dicom_node.db import redacted_url
 from dicom_node.errors import EXIT_CONFIG, EXIT_OK
 from dicom_node.states import CheckSeverity
 
@@ -39,10 +40,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     tls = f"TLS port {node.tls.port}" if node.tls else "no TLS"
     print(
         f"  node: AE {node.ae_title!r} on {node.host}, plain port {node.port or 'off'}, {tls}, "
-        f"allowed callers: {', '.join(node.allowed_calling_aets) or 'ANY (warning)'}"
+        f"allowed callers: {', '.join(node.calling_aets) or 'ANY (warning)'}"
     )
     print(f"  storage: {cfg.storage.root} (min free {cfg.storage.min_free_mb} MB)")
-    print(f"  database: {cfg.database.url}")
+    print(f"  database: {redacted_url(cfg.database_url)}")
     print(f"  audit log: {cfg.audit.paths(cfg.storage.root)[0]}")
     for name, dest in cfg.destinations.items():
         routed = " (routed)" if name in cfg.routing.send_to else ""

@@ -9,6 +9,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from dicom_node.cli.common import console, index_sessions, load
+from dicom_node.db import redacted_url
 from dicom_node.errors import EXIT_OK
 from dicom_node.models import Patient, Series, Study
 
@@ -48,7 +49,7 @@ def cmd_series(args: argparse.Namespace) -> int:
         query = query.where(Series.modality == args.modality.upper())
     with index_sessions(cfg) as sessions, sessions() as session:
         rows = session.execute(query).all()
-    table = Table(title=f"series in {cfg.database_url} ({len(rows)} shown)")
+    table = Table(title=f"series in {redacted_url(cfg.database_url)} ({len(rows)} shown)")
     if args.show_patient:
         table.add_column("Patient ID")
     for col in COLUMNS:

@@ -1,11 +1,22 @@
-"""``dicom-node serve`` (listener + scheduler + embedded worker) and ``dicom-node worker``."""
+"""``dicom-node serve`` (listener + scheduler + embedded worker) and ``dicom-node worker``.
+
+With ``worker.embedded: false`` serve runs no worker: it receives, pairs and retries sends, and
+``dicom-node worker`` processes on this or other machines (same ``database.url`` and
+``storage.root``) do the fusion.
+
+Both run with umask 077 (:data:`~dicom_node.storage.fsutil.PRIVATE_UMASK`): every file they or
+their libraries create holds or may hold patient data and is owner-only.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -14,9 +25,10 @@ import pydicom.config
 
 from dicom_node import audit
 from dicom_node.cli.common import load
-from dicom_node.config import NodeConfig
+from dicom_node.config import NodeConfig, load_config_snapshot
 from dicom_node.config_watcher import ConfigChange, ConfigWatcher
 from dicom_node.errors import EXIT_OK
+from dicom_node.storage.fsutil import PRIVATE_UMASK
 
 if TYPE_CHECKING:
     from dicom_node.console.server import ConsoleServer
@@ -29,27 +41,39 @@ MAIN_LOOP_TICK = 0.5
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``serve`` and ``worker``."""
-    p = sub.add_parser("serve", parents=[common], help="run the DICOM node (SCP + worker)")
+    p = sub.add_parser(
+        "serve", parents=[common], help="run the DICOM node (SCP + scheduler + embedded worker)"
+    )
     p.add_argument("--port", type=int, help="override node.port")
     p.add_argument("--ae-title", help="override node.ae_title")
     p.add_argument("--storage", type=Path, help="override storage.root")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("worker", parents=[common], help="run a fusion worker")
+    p.add_argument("--embedded-by", type=int, metavar="PID", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_worker)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run the fusion worker process."""
+    """Run the fusion worker process (embedded: config from serve, exits with serve)."""
     from dicom_node.logs import setup_logging
     from dicom_node.orchestration.worker import main
 
-    cfg, path = load(args)
+    os.umask(PRIVATE_UMASK)
+    if args.embedded_by is None:
+        cfg, path = load(args)
+        setup_logging(cfg.logging, verbose=args.verbose)
+        return main(cfg, path)
+    from dicom_node.orchestration.embedded import read_handover
+    from dicom_node.orchestration.parent import die_with_parent
+
+    cfg, signature = read_handover(sys.stdin.buffer.read())
     setup_logging(cfg.logging, verbose=args.verbose)
-    return main(cfg, path)
+    die_with_parent(args.embedded_by)
+    return main(cfg, args.config, signature=signature)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the storage SCP, the scheduler and one embedded worker until SIGTERM/SIGINT."""
+    """Run the storage SCP, the scheduler and (``worker.embedded``) one worker until SIGTERM."""
     from dicom_node.logs import setup_logging
 
     overrides: dict[str, Any] = {
@@ -57,14 +81,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "node.ae_title": args.ae_title,
         "storage.root": str(args.storage.absolute()) if args.storage else None,
     }
-    cfg, path = load(args, overrides)
+    os.umask(PRIVATE_UMASK)
+    snapshot, path = load_config_snapshot(args.config, overrides)
+    cfg = snapshot.config
     setup_logging(cfg.logging, verbose=args.verbose)
     # Received headers are validated by the store; pydicom's per-value warnings are noise here.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    log.info("config: %s", path if path.exists() else "embedded defaults (no config file)")
+    log.info("config: %s", path if snapshot.signature else "embedded defaults (no config file)")
     # the worker re-reads the file only when no command-line override would be lost
     worker_config = None if any(v is not None for v in overrides.values()) else path
-    node = _Node(cfg, worker_config)
+    # the watcher starts from the content read above: an edit saved while the node starts
+    # (migrations, reconciliation) is applied by its first polls, not lost
+    watcher = ConfigWatcher(path, cfg, overrides=overrides, signature=snapshot.signature)
+    node = _Node(cfg, worker_config, snapshot.signature)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -75,14 +104,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     node.start()
     audit.trail(cfg).application(True, ae_title=cfg.node.ae_title, what="serve")
-    watcher = ConfigWatcher(path, cfg, overrides=overrides)
     watcher.subscribe(node.reload)
     watcher.on_change(lambda change: _audit_config_change(watcher.current, change))
     watcher.start()
     console = _start_console(cfg, path, watcher, node, overrides)
     try:
         while not stop.wait(MAIN_LOOP_TICK):
-            pass
+            if node.worker is not None:
+                node.worker.supervise()  # from the main thread: see orchestration.parent
     finally:
         if console is not None:
             console.stop()
@@ -114,7 +143,8 @@ def _start_console(
         path,
         watcher=watcher,
         sessions=node.sessions,
-        worker_alive=lambda: worker.alive,
+        # without an embedded worker the workers run elsewhere: their state is unknown here
+        worker_alive=(lambda: worker.alive) if worker is not None else (lambda: None),
         overrides=overrides,
     )
 
@@ -122,27 +152,37 @@ def _start_console(
 class _Node:
     """The parts ``serve`` runs: index, store, listener, scheduler, embedded worker."""
 
-    def __init__(self, cfg: NodeConfig, worker_config: Path | None) -> None:
-        from dicom_node.db import make_engine, migrate, session_factory
+    def __init__(self, cfg: NodeConfig, worker_config: Path | None, signature: str | None) -> None:
+        from dicom_node.db import clock_skew_seconds, make_engine, migrate, session_factory
         from dicom_node.net.scp import StorageSCP
         from dicom_node.orchestration.embedded import EmbeddedWorker
+        from dicom_node.orchestration.jobs import check_clock
         from dicom_node.orchestration.scheduler import NodeScheduler
+        from dicom_node.storage.reindex import reconcile_at_start, storage_lock
         from dicom_node.storage.store import Store
 
+        secure_storage_root(cfg)
+        self._lock = ExitStack()  # shared: `dicom-node reindex` waits for the node to stop
+        self._lock.enter_context(storage_lock(cfg.storage.root, exclusive=False))
         self.engine = make_engine(cfg.database_url)
         migrate(self.engine)
+        check_clock(clock_skew_seconds(self.engine), cfg.jobs.lease_seconds)
         self.sessions = sessions = session_factory(self.engine)
-        self.store = Store(cfg.storage.root, sessions, cfg.storage.min_free_mb)
+        self.store = Store.from_config(cfg.storage, sessions)
+        secure_index_files(self.store.guard.path)
+        reconcile_at_start(self.store, sessions)
         self.scp = StorageSCP(cfg, self.store)
-        self.worker = EmbeddedWorker(cfg, worker_config)
-        self.scheduler = NodeScheduler(
-            cfg, sessions, supervise=self.worker.supervise, store=self.store
-        )
+        self.worker = EmbeddedWorker(cfg, worker_config, signature) if cfg.worker.embedded else None
+        # the worker is supervised from serve's main thread (see orchestration.parent)
+        self.scheduler = NodeScheduler(cfg, sessions, store=self.store)
 
     def start(self) -> None:
-        """Listen, start the worker process and the periodic tasks."""
+        """Listen, start the worker process (when embedded) and the periodic tasks."""
         self.scp.start()
-        self.worker.start()
+        if self.worker is not None:
+            self.worker.start()
+        else:
+            log.info("no embedded worker (worker.embedded: false): `dicom-node worker` runs jobs")
         self.scheduler.start()
 
     def reload(self, new: NodeConfig) -> None:
@@ -150,7 +190,7 @@ class _Node:
         from dicom_node.logs import set_level
 
         self.scp.reload(new)
-        self.store.min_free_mb = new.storage.min_free_mb
+        self.store.reconfigure(new.storage)
         set_level(new.logging)
         self.scheduler.reload(new)
 
@@ -159,6 +199,28 @@ class _Node:
         self.scheduler.stop()
         clean = self.scp.stop(graceful=True)
         self.store.close()
-        self.worker.stop()  # the worker hands its job back to the queue
+        if self.worker is not None:
+            self.worker.stop()  # the worker hands its job back to the queue
         self.engine.dispose()
+        self._lock.close()
         return clean
+
+
+def secure_storage_root(cfg: NodeConfig) -> None:
+    """Create the storage root owner-only; tighten it when an earlier release or an admin left
+    it readable by others."""
+    from dicom_node.storage.fsutil import DIR_MODE, restrict_mode
+
+    root = cfg.storage.root
+    root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    restrict_mode(root, DIR_MODE)
+
+
+def secure_index_files(db_file: Path | None) -> None:
+    """Make a SQLite index (names, IDs, birth dates) and its journal files owner-only."""
+    from dicom_node.storage.fsutil import FILE_MODE, restrict_mode
+
+    if db_file is None:
+        return
+    for suffix in ("", "-wal", "-shm"):
+        restrict_mode(db_file.with_name(db_file.name + suffix), FILE_MODE)

@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
-from dicom_node.config import Destination, NodeSection, RoutingSection
+from dicom_node.config import ANY_CALLER, Destination, NodeSection, RoutingSection
 from dicom_node.console import actions
 from dicom_node.console.auth import Session
 from dicom_node.console.configedit import ConfigConflictError, ConfigInvalidError, SaveResult
@@ -35,7 +35,8 @@ NODE_HELP = {
     "ae_title": "This node's AE title: what senders put as called AE (1-16 characters).",
     "host": "Address to listen on (0.0.0.0: every interface). Needs a restart.",
     "port": "DICOM port to listen on. Needs a restart.",
-    "allowed_calling_aets": "Calling AE titles allowed to send. Empty: anyone may send.",
+    "allowed_calling_aets": "Calling AE titles allowed to send. To let anyone send, enter ANY as "
+    "the only entry (an emptied list is refused: it would open the node by accident).",
     "max_associations": "Most associations at the same time; more are rejected.",
     "network_timeout_seconds": "Seconds of silence before an association is dropped.",
     "shutdown_timeout_seconds": "On stop: seconds to let associations finish.",
@@ -159,14 +160,34 @@ async def node_save(request: Request, caller: PageChange) -> Response:
     ctx = context_of(request)
     form = await request.form()
     submitted, errors = parse_form(NodeSection, lambda k: [str(v) for v in form.getlist(k)])
+    raw = ctx.config_file.read_raw()
+    errors.update(_allow_list_errors(submitted, raw.get("node")))
     if not errors:
-        raw = ctx.config_file.read_raw()
         data = copy.deepcopy(raw)
         data["node"] = merge_section(NodeSection, raw.get("node"), submitted)
         result, errors = await _save(request, caller, data)
         if result is not None:
             return RedirectResponse("/config", status_code=303)
     return _node_page(request, caller, submitted, errors)
+
+
+def _allow_list_errors(submitted: dict[str, Any], current: Any) -> dict[str, str]:
+    """``ANY`` as the only row opens the node on purpose; emptying a listed node is refused.
+
+    The node's reload guard keeps the last good list when a file's list is emptied, so a saved
+    empty list would never apply; the form says why instead and names the explicit spelling.
+    """
+    rows = submitted.get("allowed_calling_aets") or []
+    if [r.upper() for r in rows] == [ANY_CALLER]:
+        submitted["allowed_calling_aets"] = ANY_CALLER
+        return {}
+    listed = isinstance(current, Mapping) and current.get("allowed_calling_aets")
+    if not rows and listed and str(listed).strip().upper() != ANY_CALLER:
+        return {
+            "node.allowed_calling_aets": f"an empty list would let any calling AE store: enter "
+            f"{ANY_CALLER} as the only entry to allow that"
+        }
+    return {}
 
 
 # --------------------------------------------------------------------------- destinations

@@ -187,7 +187,10 @@ def parse_form(
     """A submitted form as file-shaped data for ``model``, and errors of unreadable fields.
 
     An empty text field is left out (its default applies; a required one is then reported
-    missing by the model); an empty optional field is null.
+    missing by the model); an empty optional field is null only when null is its default. A
+    nullable key with another default (``node.port``: null switches plain DICOM off) is never
+    nulled by a blank field, which would lock every sender out by accident: that takes an
+    explicit edit of the file or the API.
     """
     data: dict[str, Any] = {}
     errors: dict[str, str] = {}
@@ -211,7 +214,7 @@ def parse_form(
         else:
             raw = _first(getlist, key)
             if not raw:
-                if optional:
+                if optional and info.default is None:
                     data[name] = None
                 continue
             if kind == Kind.YAML:

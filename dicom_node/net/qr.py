@@ -38,6 +38,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicom_node.audit import Transfers
 from dicom_node.errors import STATUS_PROCESSING_FAILURE, NodeError, QueryRetrieveError
+from dicom_node.net.receive import store_from_event
 from dicom_node.net.scp import MAX_PDU_SIZE, STORAGE_PREFERENCE, UNCOMPRESSED
 from dicom_node.net.scu import DestinationLike, describe
 from dicom_node.net.tls import destination_context
@@ -366,8 +367,10 @@ class _GetReceiver:
     def on_store(self, event: Any) -> int:
         uid = _value_text(getattr(event.request, "AffectedSOPInstanceUID", "")) or "?"
         try:
-            encoded = event.encoded_dataset(include_meta=True)
-            stored = self.store.store_encoded(encoded, calling_aet=self.calling_aet, peer=self.peer)
+            # streamed to a file in serve (STORE_RECV_CHUNKED_DATASET), checked in full
+            stored = store_from_event(
+                self.store, event, calling_aet=self.calling_aet, peer=self.peer
+            )
         except NodeError as exc:
             log.warning(
                 "C-GET instance %s from %s refused with 0x%04X: %s", uid, self.peer, exc.status, exc

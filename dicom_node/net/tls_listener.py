@@ -35,6 +35,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from dicom_node.net.tls import ServerContextSource, describe_tls_error
+from dicom_node.net.transport import PduLengthGuard
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class _TlsRequestHandler(RequestHandler):
         secured = self.server.secure(self.request, self.client_address)
         if secured is None:
             return
-        self.request = secured
+        self.request = PduLengthGuard(secured)  # the plain listener's PDU bound (transport)
         super().handle()
 
 
@@ -163,7 +164,9 @@ class TlsAssociationServer(ThreadedAssociationServer):
             _close(secured)
             self._refused(peer, describe_tls_error(exc))
             return None
-        secured.settimeout(None)  # as pynetdicom's plain sockets: the ACSE/DIMSE timeouts rule
+        # As the plain listener's sockets (dicom_node.net.transport.guard_server): a peer that
+        # stops inside a PDU must not hold the connection's threads for ever.
+        secured.settimeout(self.handshake_timeout)
         return secured
 
     def _refused(self, peer: str, reason: str) -> None:

@@ -99,3 +99,29 @@ def complete_quiet_series(session: Session, config: NodeConfig, now: datetime) -
         )
     session.flush()
     return result
+
+
+def mark_complete(session: Session, series_uids: set[str], now: datetime) -> list[str]:
+    """Record series rebuilt from storage (``dicom-node reindex``) as complete, as they are,
+    *without* completing them again: no new revision, so no pairing, fusion or send repeats
+    work done before the index was lost. Returns the UIDs marked (the caller commits)."""
+    marked: list[str] = []
+    for uid in sorted(series_uids):
+        series = session.scalar(select(Series).where(Series.series_instance_uid == uid))
+        if series is None:
+            continue
+        digest, count = fingerprint(session, series.id)
+        progress = session.get(SeriesProgress, uid)
+        if progress is None:
+            progress = SeriesProgress(series_uid=uid, revision=1)
+            session.add(progress)
+        progress.revision = max(int(progress.revision or 0), 1)
+        progress.fingerprint = digest
+        progress.instance_count = count
+        progress.last_received_at = series.last_received_at
+        progress.completed_at = progress.completed_at or now
+        series.state = SeriesState.COMPLETE
+        series.completed_at = series.completed_at or now
+        marked.append(uid)
+    session.flush()
+    return marked

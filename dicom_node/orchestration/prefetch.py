@@ -52,6 +52,7 @@ from dicom_node.orchestration.jobs import backoff_seconds
 from dicom_node.orchestration.prefetch_query import (
     Candidate,
     QueryOutcome,
+    audit_query,
     describe,
     query_pacs,
     rank,
@@ -507,10 +508,10 @@ def _query_and_retrieve(
     try:
         found = query_pacs(peer, options, ct, float(config.pairing.max_days_between))
     except QueryRetrieveError as exc:
-        _audit_query(config, peer, ct, ok=False, text=f"query failed: {exc}")
+        audit_query(config, peer, ct, ok=False, text=f"query failed: {exc}")
         return _retry_or_fail(sessions, config, run, f"query failed: {exc}")
     found_text = f"{found.studies} MR studies, {len(found.candidates)} series found"
-    _audit_query(config, peer, ct, ok=True, text=found_text)
+    audit_query(config, peer, ct, ok=True, text=found_text)
     with sessions() as session:
         chosen = _record_query(session, config, run, ct, found)
         if not chosen:
@@ -534,20 +535,6 @@ def _query_and_retrieve(
         _finish(session, run, PrefetchState.RETRIEVED, reason, retry_at=None)
         session.commit()
     return PrefetchState.RETRIEVED
-
-
-def _audit_query(
-    config: NodeConfig, peer: Destination, ct: pairing.SeriesInfo, *, ok: bool, text: str
-) -> None:
-    audit.trail(config).query(
-        calling_aet=config.node.ae_title,
-        called_aet=peer.ae_title,
-        peer=f"{peer.host}:{peer.port}",
-        ok=ok,
-        text=text,
-        patient_id=ct.patient_id,
-        issuer=ct.issuer,
-    )
 
 
 def run_due(

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node import audit
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.errors import InvalidUIDError, UsageError
 from dicom_node.imaging.identity import MANUFACTURER
@@ -255,3 +256,18 @@ def reference_ct(
             "no complete, eligible CT of this patient in the index: nothing to pair an MR with"
         )
     return max(cts, key=lambda c: (c.acquired_at or datetime.min, c.completed_at or datetime.min))
+
+
+def audit_query(
+    config: NodeConfig, peer: Destination, ct: pairing.SeriesInfo, *, ok: bool, text: str
+) -> None:
+    """Record a query of the PACS in the audit trail (ATNA Query; the patient hashed)."""
+    audit.trail(config).query(
+        calling_aet=config.node.ae_title,
+        called_aet=peer.ae_title,
+        peer=f"{peer.host}:{peer.port}",
+        ok=ok,
+        text=text,
+        patient_id=ct.patient_id,
+        issuer=ct.issuer,
+    )

@@ -10,8 +10,6 @@ A task that raises is logged and runs again at its next tick.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -53,7 +51,7 @@ class NodeScheduler:
         self._store = store
         self._sweep_prefetch = True
         self._retrieved_since: datetime | None = None
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:scheduler"
+        self.owner = jobs.owner_id("scheduler")
         # apscheduler logs every run at INFO: keep it to warnings
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         self._scheduler = BackgroundScheduler(
@@ -160,7 +158,7 @@ class NodeScheduler:
             jobs.recover_stale(
                 self.sessions,
                 jobs.Settings.from_config(self.config),
-                local_host=socket.gethostname(),
+                local_host=jobs.host_identity(),
             )
         except Exception:
             log.exception("stale job recovery failed")

@@ -8,7 +8,8 @@ associations. Any number of workers may share one database: claims are atomic (s
 For each claimed job the worker
 
 1. reuses the derived files of an earlier attempt when their manifest is complete (a retry
-   never recomputes), else reads both series, runs :func:`dicom_node.imaging.pipeline.run_pair`
+   never recomputes), else reads both series (through :mod:`dicom_node.storage.source`, the
+   shared storage root), runs :func:`dicom_node.imaging.pipeline.run_pair`
    (registering, fusing) and writes every derived instance plus the manifest
    (:mod:`dicom_node.storage.derived`, writing);
 2. sends to every destination once (sending); destinations that fail are left to the
@@ -25,7 +26,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 import traceback
@@ -36,6 +36,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig, read_config_file
@@ -58,7 +60,7 @@ from dicom_node.storage.derived import (
     write_job_outputs,
 )
 from dicom_node.storage.fsutil import make_dirs
-from dicom_node.storage.store import series_paths
+from dicom_node.storage.source import check_storage_root, series_source
 
 if TYPE_CHECKING:
     from dicom_node.imaging.pipeline import PipelineResult
@@ -67,6 +69,11 @@ log = logging.getLogger(__name__)
 
 RECOVERY_MIN_INTERVAL = 0.5
 """Shortest interval between two stale-lease recoveries run by an idle worker (seconds)."""
+
+DB_RETRY_FIRST = 1.0
+DB_RETRY_MAX = 30.0
+"""Backoff (seconds) while the database cannot be used (locked, unreachable): the worker waits
+and tries again rather than exiting."""
 
 
 class WorkerStopping(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -79,7 +86,7 @@ class LeaseLost(Exception):  # noqa: N818
 
 def new_worker_id() -> str:
     """A worker identity unique across hosts and restarts: host:pid:random."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return jobs.owner_id(uuid.uuid4().hex[:6])
 
 
 @dataclass
@@ -124,13 +131,15 @@ def compute(ctx: Context, job: Job, folder: Path, tracker: _StageTracker) -> lis
     from dicom_node.imaging import pipeline  # heavy (torch, SimpleITK): only in the worker
 
     config = ctx.config
-    root = config.storage.root
-    ct_paths = series_paths(ctx.sessions, root, job.ct_series_uid)
-    mr_paths = series_paths(ctx.sessions, root, job.mr_series_uid)
-    if not ct_paths or not mr_paths:
-        raise SourceSeriesMissingError("source series no longer in the index (retention?)")
+    source = series_source(config, ctx.sessions)
     t0 = time.monotonic()
-    ct, mr = pipeline.read_pair(ct_paths, mr_paths, config=config)
+    with (
+        source.open_series(job.ct_series_uid) as ct_paths,
+        source.open_series(job.mr_series_uid) as mr_paths,
+    ):
+        if not ct_paths or not mr_paths:
+            raise SourceSeriesMissingError("source series no longer in the index (retention?)")
+        ct, mr = pipeline.read_pair(ct_paths, mr_paths, config=config)
     read_seconds = time.monotonic() - t0
     accepted = _acceptance(job)
     try:
@@ -346,7 +355,7 @@ class _Loop:
         now = time.monotonic()
         if now - self.last_recovery >= max(RECOVERY_MIN_INTERVAL, cfg.lease_seconds / 2):
             self.last_recovery = now
-            jobs.recover_stale(ctx.sessions, cfg, local_host=socket.gethostname())
+            jobs.recover_stale(ctx.sessions, cfg, local_host=jobs.host_identity())
         job_id = jobs.claim_next(ctx.sessions, ctx.worker_id)
         if job_id is not None:
             self.busy.set()
@@ -359,6 +368,46 @@ class _Loop:
         if not dispatch.retry_due_sends(ctx.sessions, ctx.config, ctx.worker_id):
             self.stop.wait(cfg.poll_seconds)
         return False
+
+
+def _migrate_when_possible(
+    engine: Engine, migrate: Callable[[Engine], None], stop: threading.Event
+) -> bool:
+    """Migrate the schema, waiting while the database cannot be used; False when stopped."""
+    delay = DB_RETRY_FIRST
+    while not stop.is_set():
+        try:
+            migrate(engine)
+            return True
+        except OperationalError as exc:
+            log.warning(
+                "database unavailable at start (%s); retrying in %.0f s",
+                str(exc.orig or exc).splitlines()[0],
+                delay,
+            )
+            stop.wait(delay)
+            delay = min(delay * 2, DB_RETRY_MAX)
+    return False
+
+
+def _run_loop(loop: _Loop, max_jobs: int | None) -> None:
+    """Tick until stopped; a database that cannot be used is waited for, never fatal."""
+    done = 0
+    delay = DB_RETRY_FIRST
+    while not loop.stop.is_set() and (max_jobs is None or done < max_jobs):
+        try:
+            done += loop.tick()
+        except OperationalError as exc:
+            log.warning(
+                "worker %s: database unavailable (%s); retrying in %.0f s",
+                loop.ctx.worker_id,
+                str(exc.orig or exc).splitlines()[0],
+                delay,
+            )
+            loop.stop.wait(delay)
+            delay = min(delay * 2, DB_RETRY_MAX)
+            continue
+        delay = DB_RETRY_FIRST
 
 
 def _file_config(path: Path, fallback: NodeConfig) -> NodeConfig:
@@ -376,28 +425,36 @@ def main(
     *,
     stop: threading.Event | None = None,
     max_jobs: int | None = None,
+    signature: str | None = None,
 ) -> int:
     """Run a worker until SIGTERM/SIGINT (or ``stop`` is set); returns the exit code.
 
     ``config_file``: when it exists it is watched, so routing and destination edits apply to
-    later sends without a restart.
+    later sends without a restart; ``signature``: that of the content ``config`` came from
+    (see :class:`~dicom_node.config_watcher.ConfigWatcher`).
     """
-    from dicom_node.db import make_engine, migrate, session_factory
+    from dicom_node.db import clock_skew_seconds, make_engine, migrate, session_factory
 
+    check_storage_root(config.storage.root)
     configure_compute(config)
     engine = make_engine(config.database_url)
-    migrate(engine)
+    stop = stop or threading.Event()
+    if not _migrate_when_possible(engine, migrate, stop):
+        engine.dispose()
+        return 0
+    jobs.check_clock(clock_skew_seconds(engine), config.jobs.lease_seconds)
     watcher: ConfigWatcher | None = None
     if config_file is not None and Path(config_file).exists():
-        # The file may have changed since this process was spawned (the console saves within
-        # seconds of a start): the watcher's baseline must be the file as it reads now.
-        config = _file_config(Path(config_file), config)
-        watcher = ConfigWatcher(Path(config_file), config)
+        if signature is None:
+            # The file may have changed since this process was spawned (the console saves
+            # within seconds of a start): the watcher's baseline must be the file as it reads now.
+            config = _file_config(Path(config_file), config)
+            watcher = ConfigWatcher(Path(config_file), config)
+        else:  # from serve, with the signature of the content `config` came from
+            watcher = ConfigWatcher(Path(config_file), config, signature=signature)
         watcher.start()
     source: Callable[[], NodeConfig] = (lambda: watcher.current) if watcher else (lambda: config)
-    loop = _Loop(
-        Context(source, session_factory(engine), new_worker_id()), stop or threading.Event()
-    )
+    loop = _Loop(Context(source, session_factory(engine), new_worker_id()), stop)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, loop.on_signal)
         signal.signal(signal.SIGINT, loop.on_signal)
@@ -407,10 +464,8 @@ def main(
         compute_summary(config),
         config.worker.threads or "default",
     )
-    done = 0
     try:
-        while not loop.stop.is_set() and (max_jobs is None or done < max_jobs):
-            done += loop.tick()
+        _run_loop(loop, max_jobs)
     except WorkerStopping:
         pass
     finally:

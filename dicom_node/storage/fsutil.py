@@ -18,11 +18,15 @@ from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
-FILE_MODE = 0o640
-"""Mode of files the node writes: they may hold patient data (owner read/write, group read)."""
+FILE_MODE = 0o600
+"""Mode of files the node writes: they may hold patient data (owner read/write only)."""
 
-DIR_MODE = 0o750
-"""Mode of folders the node creates."""
+DIR_MODE = 0o700
+"""Mode of folders the node creates (owner only: they hold patient data)."""
+
+PRIVATE_UMASK = 0o077
+"""The umask of ``serve`` and ``worker``: whatever a library creates (SQLite's -wal and -shm
+files, pynetdicom's received files, log files) is owner-only as well."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -32,6 +36,33 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Make the data of file ``path`` durable (written by someone else, e.g. pynetdicom)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restrict_mode(path: Path, mode: int) -> bool:
+    """Remove permission bits beyond ``mode`` from an existing ``path``; True if it changed.
+
+    Folders and files made by earlier releases (or by hand) were group/world readable; the node
+    tightens what it owns at start-up and logs it. Paths of other owners are left alone.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    current = st.st_mode & 0o777
+    if current & ~mode == 0 or st.st_uid != os.getuid():
+        return False
+    path.chmod(current & mode)
+    log.warning("restricted permissions of %s from %o to %o", path, current, current & mode)
+    return True
 
 
 def unlink_quietly(path: Path) -> None:

@@ -12,6 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -207,10 +208,15 @@ def _uid_field(ds: Dataset, keyword: str) -> str:
         raise InvalidUIDError(f"{exc} in dataset") from None
 
 
-def parse_header(encoded: bytes) -> Header:
-    """Parse the header of received Part-10 bytes (no pixel data); raise on anything unusable."""
+HEADER_DEFER_SIZE = "256 KB"
+"""Header values larger than this (a private blob, say) are not loaded by :func:`parse_header`."""
+
+
+def parse_header(encoded: bytes | Path) -> Header:
+    """Parse the header of Part-10 bytes or a file (no pixel data); raise on anything unusable."""
+    source = BytesIO(encoded) if isinstance(encoded, bytes) else encoded
     try:
-        ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True)
+        ds = pydicom.dcmread(source, stop_before_pixels=True, defer_size=HEADER_DEFER_SIZE)
         meta = ds.file_meta
         ts = str(meta.TransferSyntaxUID)
         patient, study, series, instance = _fields(ds)

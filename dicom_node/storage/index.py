@@ -10,14 +10,18 @@ indexed under another patient, or a series under another study, raises
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.errors import ConflictingInstanceError
+from dicom_node.errors import ConflictingInstanceError, IndexUnavailableError
 from dicom_node.models import Instance, Patient, Series, Study
 from dicom_node.states import SeriesState
 from dicom_node.storage.header import Header, safe_uid
@@ -39,6 +43,76 @@ _COUNT_INSTANCE = (
     .where(Series.id == bindparam("pk"))
     .values(number_of_instances=Series.number_of_instances + 1, last_received_at=bindparam("now"))
 )
+
+
+GUARD_LOG_INTERVAL = 60.0
+"""Seconds between two ERROR lines about the same missing or replaced index file."""
+
+
+class IndexFileGuard:
+    """Notices that the SQLite index file this process writes to was deleted or replaced.
+
+    SQLite keeps writing to the file it opened: after ``rm index.sqlite3`` (or a copy over it)
+    every commit succeeds into an unlinked inode and the rows are lost. The store calls
+    :meth:`check` before and after each commit; once the file's identity (device, inode)
+    differs from the one seen at start-up, storing is refused until the node is restarted on a
+    restored index (``dicom-node reindex``). Other databases need no guard (``path`` None).
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        """Remember the identity of the index file ``path`` as it is now."""
+        self.path = path
+        self._identity = self._stat()
+        self._last_log = 0.0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_sessions(cls, sessions: sessionmaker[Session]) -> IndexFileGuard:
+        """The guard of the SQLite file the sessions' engine writes to (if any)."""
+        bind = sessions.kw.get("bind")
+        if not isinstance(bind, Engine):
+            return cls(None)
+        url = make_url(bind.url)
+        db = url.database
+        if (
+            url.get_backend_name() != "sqlite"
+            or not db
+            or db == ":memory:"
+            or db.startswith("file:")
+        ):
+            return cls(None)
+        return cls(Path(db))
+
+    def _stat(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check(self) -> None:
+        """Raise :class:`IndexUnavailableError` (and log an ERROR) if the file changed."""
+        if self.path is None:
+            return
+        if self._identity is None:  # the database file did not exist yet when made
+            self._identity = self._stat()
+            return
+        now = self._stat()
+        if now == self._identity:
+            return
+        what = "deleted" if now is None else "replaced by another file"
+        message = f"the index {self.path} was {what} while the node runs"
+        with self._lock:
+            if time.monotonic() - self._last_log >= GUARD_LOG_INTERVAL:
+                self._last_log = time.monotonic()
+                log.error(
+                    "%s: refusing to store (nothing would be indexed). Restore the file or "
+                    "rebuild it with `dicom-node reindex`, then restart the node",
+                    message,
+                )
+        raise IndexUnavailableError(message)
 
 
 def existing_instance(session: Session, sop_instance_uid: str) -> Any:
@@ -212,3 +286,15 @@ def series_paths(sessions: sessionmaker[Session], root: Path, series_uid: str) -
         ),
     )
     return [root / r.path for r in ordered]
+
+
+def recount_series(session: Session, series_uids: set[str] | None = None) -> None:
+    """Set each series' instance count from its rows (all series when ``series_uids`` is None);
+    the caller commits."""
+    counted = (
+        select(func.count(Instance.id)).where(Instance.series_pk == Series.id).scalar_subquery()
+    )
+    stmt = update(Series).values(number_of_instances=counted)
+    if series_uids is not None:
+        stmt = stmt.where(Series.series_instance_uid.in_(sorted(series_uids)))
+    session.execute(stmt)

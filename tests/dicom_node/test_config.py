@@ -22,6 +22,10 @@ def test_embedded_defaults_without_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert cfg.node.ae_title == "FUSIONNODE"
     assert cfg.node.port == 11112
     assert cfg.node.allowed_calling_aets == []
+    assert cfg.node.accepts_any_caller and cfg.node.calling_aets == ()
+    assert cfg.node.accept_any_called_aet is False
+    assert cfg.storage.max_instance_mb == 2048
+    assert cfg.storage.max_rows_columns == 8192
     assert cfg.storage.root == tmp_path / "dicom-node-data"
     assert cfg.database.url == f"sqlite:///{tmp_path / 'dicom-node-data' / 'index.sqlite3'}"
     assert cfg.routing.send_to == []
@@ -119,6 +123,29 @@ def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
         ),
         ({"worker": {"device": "tpu"}}, "worker.device", "'auto', 'cpu' or 'cuda'"),
         ({"derive": {"uid_root": "1.2.x"}}, "derive.uid_root", "not a valid UID root"),
+        (
+            {"node": {"allowed_calling_aets": "SOME"}},
+            "node.allowed_calling_aets",
+            "list of AE titles, or ANY",
+        ),
+        (
+            {"node": {"calling_aet_hosts": {"CT": ["not a host!"]}}},
+            "node.calling_aet_hosts",
+            "not an IP address, a network",
+        ),
+        (
+            {"node": {"allowed_calling_aets": ["MR"], "calling_aet_hosts": {"CT": ["10.0.0.1"]}}},
+            "node",
+            "not in allowed_calling_aets: CT",
+        ),
+        ({"node": {"calling_aet_hosts": {"CT": []}}}, "node.calling_aet_hosts", "at least one"),
+        ({"storage": {"max_instance_mb": 0}}, "storage.max_instance_mb", "greater than or equal"),
+        ({"storage": {"max_rows_columns": 70000}}, "storage.max_rows_columns", "less than"),
+        (
+            {"node": {"association_request_timeout_seconds": 0}},
+            "node.association_request_timeout_seconds",
+            "greater than 0",
+        ),
     ],
 )
 def test_errors_name_file_key_and_problem(
@@ -168,6 +195,28 @@ def test_overrides_win_over_file(tmp_path: Path) -> None:
     assert cfg.storage.root == tmp_path / "s"
     with pytest.raises(ConfigError, match=r"node\.port"):
         load_config(cfg_file, {"node.port": 0})
+
+
+def test_access_keys(tmp_path: Path) -> None:
+    cfg, _ = load_config(
+        write(
+            tmp_path / "n.yaml",
+            {
+                "node": {
+                    "allowed_calling_aets": ["CT_SIM", "PACS"],
+                    "calling_aet_hosts": {"CT_SIM": ["10.1.2.3", "10.9.0.0/16", "ct.example"]},
+                    "accept_any_called_aet": True,
+                }
+            },
+        )
+    )
+    assert cfg.node.calling_aets == ("CT_SIM", "PACS") and not cfg.node.accepts_any_caller
+    assert cfg.node.calling_aet_hosts == {"CT_SIM": ["10.1.2.3", "10.9.0.0/16", "ct.example"]}
+    assert cfg.node.accept_any_called_aet is True
+    # the old spelling of "anyone" still means anyone (a reload guards against it, see
+    # test_config_watcher.py)
+    empty, _ = load_config(write(tmp_path / "e.yaml", {"node": {"allowed_calling_aets": []}}))
+    assert empty.node.accepts_any_caller
 
 
 def test_config_is_immutable() -> None:

@@ -218,7 +218,7 @@ def test_two_patients_interleaved_paired_fused_and_sent(
     n_ct = len(a_ct)
     storescu(node.port, SMALL_CT, calling_aet="CTSIM")
     wait_until(
-        lambda: f"({n_ct} duplicates)" in node.proc.log_tail(10**7),
+        lambda: f"({n_ct} duplicates, 0 replaced)" in node.proc.log_tail(10**7),
         timeout=30,
         what="duplicate re-send logged",
     )

@@ -174,14 +174,18 @@ def start_node(
     log_name: str | None = None,
     wait_for_port: bool = True,
     env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> NodeProcess:
-    """Write ``cfg`` to ``workdir/node.yaml`` and start ``dicom-node COMMAND`` on it."""
+    """Write ``cfg`` to ``workdir/node.yaml`` and start ``dicom-node COMMAND`` on it.
+
+    ``prefix``: a command the node is started under (e.g. :func:`tests.peers.hosts.as_host`).
+    """
     config_path = write_config(workdir / "node.yaml", cfg)
     log_path = workdir / (log_name or f"{command}.log")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
-            node_command(command, "--config", str(config_path)),
+            [*prefix, *node_command(command, "--config", str(config_path))],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=workdir,

@@ -18,6 +18,9 @@ from dicom_node.storage.store import Store
 from tests.peers.node import FAST_ORCHESTRATION, node_config, write_config
 from tests.support.data import encoded_files
 
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+"""The backends every database test runs on (the ids of the ``database_url`` fixture)."""
+
 
 @dataclass
 class IndexedNode:

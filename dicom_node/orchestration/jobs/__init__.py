@@ -21,7 +21,12 @@ from dicom_node.orchestration.jobs.lifecycle import (
     release_to_sends,
     set_output_dir,
 )
-from dicom_node.orchestration.jobs.recovery import recover_stale
+from dicom_node.orchestration.jobs.recovery import (
+    check_clock,
+    host_identity,
+    owner_id,
+    recover_stale,
+)
 from dicom_node.orchestration.jobs.settings import Settings, backoff_seconds
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "accept_registration",
     "backoff_seconds",
     "cancel_job",
+    "check_clock",
     "claim_next",
     "create_job",
     "enter_stage",
@@ -36,6 +42,8 @@ __all__ = [
     "finish_if_sent",
     "hand_back",
     "heartbeat",
+    "host_identity",
+    "owner_id",
     "recover_stale",
     "release_to_sends",
     "retry_job",

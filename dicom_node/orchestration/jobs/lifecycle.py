@@ -10,9 +10,15 @@ A job is one CT-MR pair. Its life::
 
 ``cancelled`` is a terminal state set by an admin. Every transition made by a worker is an
 ``UPDATE ... WHERE id=? AND worker_id=?`` so a worker that lost its job (lease expired,
-cancelled) cannot overwrite what another process decided. Claiming is
+cancelled) cannot overwrite what another process decided. Claiming ends in
 ``UPDATE jobs SET state='registering', worker_id=? WHERE id=? AND state='queued'`` with a
-rowcount check: no two workers ever take one job, on SQLite and on PostgreSQL alike.
+rowcount check: no two workers ever take one job. How the row is chosen depends on the backend:
+
+* PostgreSQL (several workers, often on several machines): ``SELECT ... ORDER BY id LIMIT 1
+  FOR UPDATE SKIP LOCKED`` locks the oldest runnable job; a worker never waits for a row another
+  worker is claiming, it takes the next one;
+* SQLite (one machine): a handful of candidates, each tried with the conditional UPDATE (SQLite
+  has no row locks; its database lock serialises the UPDATEs).
 
 A claimed job carries a heartbeat (``heartbeat_at``) refreshed by its worker; a job in an
 active state whose heartbeat is older than ``jobs.lease_seconds`` belongs to a dead worker
@@ -26,7 +32,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.models import Job, JobStage, utcnow
@@ -90,41 +96,56 @@ def create_job(
 
 
 # --------------------------------------------------------------------------- claim
+def uses_row_locks(session: Session) -> bool:
+    """True when the session's database has row locks with SKIP LOCKED (PostgreSQL)."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _runnable(now: datetime) -> tuple[ColumnElement[bool], ...]:
+    """The conditions of a claimable job: queued, its backoff passed."""
+    return (Job.state == JobState.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now))
+
+
+def _take(session: Session, job_id: int, worker_id: str, now: datetime) -> bool:
+    """The conditional UPDATE of a claim (not committed); True when this worker won the job."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED)
+        .values(
+            state=JobState.REGISTERING,
+            worker_id=worker_id,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            updated_at=now,
+            not_before=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result) == 1
+
+
 def claim_next(sessions: sessionmaker[Session], worker_id: str) -> int | None:
     """Atomically claim the oldest runnable queued job; its id, or None when there is none.
 
-    The claim is a conditional UPDATE checked by rowcount, so two workers racing for one job
-    never both win (works on SQLite and PostgreSQL without row locks).
+    On PostgreSQL the row is locked with ``FOR UPDATE SKIP LOCKED`` (claims of several workers
+    never queue behind each other); on SQLite candidates are tried with a conditional UPDATE.
+    Either way two workers racing for one job never both win.
     """
     now = utcnow()
     with sessions() as session:
-        candidates = session.scalars(
-            select(Job.id)
-            .where(
-                Job.state == JobState.QUEUED,
-                or_(Job.not_before.is_(None), Job.not_before <= now),
-            )
-            .order_by(Job.id)
-            .limit(CLAIM_CANDIDATES)
-        ).all()
-        for job_id in candidates:
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED)
-                .values(
-                    state=JobState.REGISTERING,
-                    worker_id=worker_id,
-                    heartbeat_at=now,
-                    attempts=Job.attempts + 1,
-                    updated_at=now,
-                    not_before=None,
-                )
-                .execution_options(synchronize_session=False)
-            )
+        oldest = select(Job.id).where(*_runnable(now)).order_by(Job.id)
+        if uses_row_locks(session):
+            job_id = session.scalar(oldest.limit(1).with_for_update(skip_locked=True))
+            candidates = [] if job_id is None else [job_id]
+        else:
+            candidates = list(session.scalars(oldest.limit(CLAIM_CANDIDATES)).all())
+        for candidate in candidates:
+            won = _take(session, candidate, worker_id, now)
             session.commit()
-            if rowcount(result) == 1:
-                log.info("job %d claimed by worker %s", job_id, worker_id)
-                return int(job_id)
+            if won:
+                log.info("job %d claimed by worker %s", candidate, worker_id)
+                return int(candidate)
+        session.rollback()
     return None
 
 

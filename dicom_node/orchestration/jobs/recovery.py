@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.errors import ConfigError
 from dicom_node.models import Job, Send, utcnow
 from dicom_node.orchestration.jobs.lifecycle import close_open_stages, rowcount
 from dicom_node.orchestration.jobs.settings import Settings
@@ -22,8 +25,69 @@ from dicom_node.states import ACTIVE_JOB_STATES, JobState, SendState
 log = logging.getLogger(__name__)
 
 
+PID_NAMESPACE = Path("/proc/self/ns/pid")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+BOOT_ID_CHARS = 12
+"""Hex digits of the kernel's boot id kept in an owner id (random per boot of a machine)."""
+MAX_HOST_NAME = 64
+"""Longest host name kept in an owner id (Linux HOST_NAME_MAX; ids fit ``worker_id``)."""
+
+
+def host_identity() -> str:
+    """Where this process's pids mean something: host name, kernel boot and PID namespace.
+
+    A pid names a process only within one kernel's PID namespace. Host names are not enough:
+    cloned machines share one, and so can containers (``network_mode: host``, a fixed
+    ``hostname:``) whose pids are unrelated. The kernel's random boot id tells machines (and
+    boots) apart, the namespace inode tells containers of one kernel apart, so
+    :func:`local_owner_dead` never declares a live worker of another machine or container dead.
+    """
+    name = socket.gethostname()[:MAX_HOST_NAME]
+    try:
+        boot = BOOT_ID.read_text().strip().replace("-", "")[:BOOT_ID_CHARS]
+        return f"{name}/{boot}.{PID_NAMESPACE.stat().st_ino}"
+    except OSError:  # no procfs (not Linux): the host name alone
+        return name
+
+
+def owner_id(tag: str) -> str:
+    """The id of a job or send owner of this process: ``host_identity:pid:tag``."""
+    return f"{host_identity()}:{os.getpid()}:{tag}"
+
+
+MAX_CLOCK_SKEW_SHARE = 0.25
+"""Largest clock difference to the database server, as a share of ``jobs.lease_seconds``."""
+CLOCK_SKEW_WARNING_S = 1.0
+
+
+def check_clock(skew_seconds: float | None, lease_seconds: float) -> None:
+    """Refuse to judge leases with a clock far off the database server's.
+
+    Heartbeats are written with each machine's clock and compared with another's: a clock off
+    by a good part of the lease would make live workers look dead (their job done twice) or
+    keep dead ones alive. Raises :class:`ConfigError` beyond a quarter of the lease, warns from
+    a second on; ``skew_seconds`` None (SQLite, one machine) is always fine.
+    """
+    if skew_seconds is None:
+        return
+    if abs(skew_seconds) > MAX_CLOCK_SKEW_SHARE * lease_seconds:
+        raise ConfigError(
+            f"this machine's clock is {skew_seconds:+.1f} s off the database server's, too far "
+            f"for jobs.lease_seconds = {lease_seconds:g}: leases would be misjudged. "
+            "Synchronise the clocks (NTP, e.g. chrony) on every machine"
+        )
+    if abs(skew_seconds) > CLOCK_SKEW_WARNING_S:
+        log.warning(
+            "this machine's clock is %+.1f s off the database server's; synchronise the "
+            "clocks (NTP) before the difference reaches %.0f s",
+            skew_seconds,
+            MAX_CLOCK_SKEW_SHARE * lease_seconds,
+        )
+
+
 def local_owner_dead(worker_id: str | None, host: str) -> bool:
-    """True when ``worker_id`` (host:pid:tag) names a process of this host that is gone."""
+    """True when ``worker_id`` (host:pid:tag) names a process of ``host`` (this machine's
+    :func:`host_identity`) that is gone."""
     parts = (worker_id or "").split(":")
     if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
         return False
@@ -41,10 +105,10 @@ def recover_stale(
 ) -> list[int]:
     """Requeue (or fail, after ``max_attempts``) jobs whose worker's heartbeat is stale.
 
-    With ``local_host`` (this machine's host name), jobs held by a worker process of this host
-    that no longer exists are taken back at once, without waiting for the lease to expire
-    (a restarted node resumes its interrupted job immediately). Also hands send rows stuck in
-    ``sending`` by a dead process back to the retry queue. Returns the recovered job ids.
+    With ``local_host`` (this machine's :func:`host_identity`), jobs held by a worker process of
+    this host that no longer exists are taken back at once, without waiting for the lease to
+    expire (a restarted node resumes its interrupted job immediately). Also hands send rows stuck
+    in ``sending`` by a dead process back to the retry queue. Returns the recovered job ids.
     """
     now = utcnow()
     cutoff = now - timedelta(seconds=cfg.lease_seconds)

@@ -3,8 +3,9 @@
 ``pending -> sending -> done``, or ``sending -> retry -> sending ...`` with backoff until
 ``jobs.send_max_attempts``, then ``failed``. Claims are ``UPDATE ... WHERE state IN
 ('pending','retry')`` with a rowcount check, so the scheduler and idle workers can all run send
-retries. Every instance a destination acknowledged is recorded (:class:`SentInstance`) and never
-sent to it again.
+retries; on PostgreSQL the row is first locked with ``FOR UPDATE SKIP LOCKED``, so a process
+finding it locked by another claimer moves on instead of waiting. Every instance a destination
+acknowledged is recorded (:class:`SentInstance`) and never sent to it again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
 from dicom_node.models import Job, Send, SentInstance, utcnow
-from dicom_node.orchestration.jobs.lifecycle import MAX_ERROR_CHARS, rowcount
+from dicom_node.orchestration.jobs.lifecycle import MAX_ERROR_CHARS, rowcount, uses_row_locks
 from dicom_node.orchestration.jobs.settings import Settings
 from dicom_node.states import ALL_DERIVED_KINDS, DerivedKind, JobState, SendState
 
@@ -79,6 +80,11 @@ def claim_send(
     if due_only:
         cond.append(or_(Send.next_attempt_at.is_(None), Send.next_attempt_at <= now))
     with sessions() as session:
+        if uses_row_locks(session):
+            locked = select(Send.id).where(*cond).with_for_update(skip_locked=True)
+            if session.scalar(locked) is None:
+                session.rollback()
+                return False
         result = session.execute(
             update(Send)
             .where(*cond)

@@ -149,7 +149,7 @@ def test_serve_starts_on_embedded_defaults(tmp_path: Path) -> None:
             proc.wait()
     log = log_path.read_text()
     assert "embedded defaults" in log
-    assert "allowed_calling_aets is empty" in log
+    assert "any calling AE may store" in log
     assert "listening as AE 'FRESHNODE'" in log
 
 

@@ -146,3 +146,17 @@ def test_overview_lists_allowed_aets_and_warns_when_open(console: Console) -> No
     console.client.post("/config/node", data={**tokens, "allowed_calling_aets": ["CT_SIM"]})
     html = console.client.get("/config").text
     assert '<code class="aet">CT_SIM</code>' in html and "anyone may send" not in html
+
+
+def test_emptying_the_allow_list_needs_any_spelled_out(console: Console) -> None:
+    tokens = console.form_tokens("/config/node")
+    console.client.post("/config/node", data={**tokens, "allowed_calling_aets": ["CT_SIM"]})
+    tokens = console.form_tokens("/config/node")
+    html = console.client.post("/config/node", data={**tokens, "allowed_calling_aets": [""]}).text
+    assert "enter ANY as the only entry" in _field_html(html, "allowed_calling_aets")
+    assert console.watcher.current.node.allowed_calling_aets == ["CT_SIM"]
+    tokens = console.form_tokens("/config/node")
+    response = console.client.post("/config/node", data={**tokens, "allowed_calling_aets": ["any"]})
+    assert response.status_code in (200, 303)
+    assert console.watcher.current.node.allowed_calling_aets == []
+    assert yaml.safe_load(console.config_path.read_text())["node"]["allowed_calling_aets"] == "ANY"

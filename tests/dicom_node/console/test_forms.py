@@ -128,3 +128,11 @@ def test_group_child_errors() -> None:
     tls = next(f for f in fields if f.name == "tls")
     assert tls.value is True
     assert tls.children[0].error == "file not found"
+
+
+def test_blank_port_keeps_the_plain_listener() -> None:
+    """node.port may be null (plain DICOM off), but a blank field must not switch it off."""
+    data, errors = parse_form(NodeSection, lambda key: [""] if key == "port" else [])
+    assert "port" not in data and not errors
+    data, _ = parse_form(NodeSection, lambda key: ["104"] if key == "port" else [])
+    assert data["port"] == 104

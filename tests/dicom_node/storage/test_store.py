@@ -1,9 +1,10 @@
-"""Store and index against a real SQLite database on disk (no network)."""
+"""Store and index against a real database (SQLite on disk and PostgreSQL; no network)."""
 
 from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -31,10 +32,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    eng = make_engine(f"sqlite:///{tmp_path / 'db' / 'index.sqlite3'}")
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = make_engine(database_url)
     migrate(eng)
-    return eng
+    yield eng
+    eng.dispose()
 
 
 @pytest.fixture
@@ -176,14 +178,24 @@ def test_free_space_floor(tmp_path: Path, engine: Engine, ct_files: list[Path]) 
     assert files_under(store.root) == []
 
 
+REFUSE_INSERTS = {
+    "sqlite": [
+        "CREATE TRIGGER refuse BEFORE INSERT ON instances "
+        "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql "
+        "AS $$ BEGIN RAISE EXCEPTION 'disk on fire'; END $$",
+        "CREATE TRIGGER refuse BEFORE INSERT ON instances FOR EACH ROW EXECUTE FUNCTION refuse()",
+    ],
+}
+"""A trigger that makes every instance insert fail, per backend."""
+
+
 def test_index_failure_leaves_no_file(store: Store, engine: Engine, ct_files: list[Path]) -> None:
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE TRIGGER refuse BEFORE INSERT ON instances "
-                "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-            )
-        )
+        for statement in REFUSE_INSERTS[engine.dialect.name]:
+            conn.execute(text(statement))
     with pytest.raises(StorageError) as err:
         store.store_encoded(encoded(ct_files[8]), calling_aet="A", peer="p")
     assert err.value.status == STATUS_OUT_OF_RESOURCES
@@ -224,3 +236,94 @@ def test_concurrent_stores_one_series(store: Store, engine: Engine, ct_files: li
     with session_factory(engine)() as s:
         assert s.scalars(select(Series)).one().number_of_instances == len(chosen)
         assert len(s.scalars(select(Instance)).all()) == len(chosen)
+
+
+def test_damaged_file_restored_by_identical_resend(store: Store, ct_files: list[Path]) -> None:
+    data = encoded(ct_files[40])
+    first = store.store_encoded(data, calling_aet="A", peer="p")
+    first.path.write_bytes(data[:-100])
+    again = store.store_encoded(data, calling_aet="A", peer="p")
+    assert again.duplicate and first.path.read_bytes() == data
+
+
+def test_unreadable_copy_replaced_readable_copy_kept(
+    store: Store, engine: Engine, ct_files: list[Path]
+) -> None:
+    """A truncated copy acknowledged by an earlier release never blocks the correct one."""
+    import hashlib
+
+    from sqlalchemy import update
+
+    data = encoded(ct_files[41])
+    first = store.store_encoded(data, calling_aet="A", peer="p")
+    cut = data[:-3000]
+    first.path.write_bytes(cut)
+    with engine.begin() as conn:  # the old release indexed what it acknowledged
+        conn.execute(
+            update(Instance).values(
+                size=len(cut), sha256=hashlib.sha256(cut[dataset_offset(cut) :]).hexdigest()
+            )
+        )
+    assert store.unreadable(first.path) is not None
+    again = store.store_encoded(data, calling_aet="B", peer="p")
+    assert again.replaced and not again.duplicate
+    assert first.path.read_bytes() == data
+    with session_factory(engine)() as s:
+        row = s.scalars(select(Instance)).one()
+        assert (row.size, row.sha256, row.calling_aet) == (len(data), again.sha256, "B")
+        assert s.scalars(select(Series)).one().number_of_instances == 1
+
+
+def test_instance_size_limit(tmp_path: Path, engine: Engine, ct_files: list[Path]) -> None:
+    from dicom_node.errors import STATUS_INSTANCE_TOO_LARGE, InstanceTooLargeError
+
+    small = Store(tmp_path / "s", session_factory(engine), min_free_mb=1, max_instance_mb=1)
+    big = bytearray(encoded(ct_files[42]))
+    with pytest.raises(InstanceTooLargeError, match=r"storage\.max_instance_mb") as err:
+        small.store_encoded(bytes(big) + b"\x00" * (1024 * 1024), calling_aet="A", peer="p")
+    assert err.value.status == STATUS_INSTANCE_TOO_LARGE
+    assert [p for p in (tmp_path / "s").rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize("fault", ["deleted", "replaced"])
+def test_deleted_or_replaced_index_refused(
+    tmp_path: Path, ct_files: list[Path], fault: str
+) -> None:
+    """Rows committed into an unlinked index file would be lost: refuse instead."""
+    from dicom_node.errors import STATUS_INDEX_UNAVAILABLE, IndexUnavailableError
+
+    db = tmp_path / "idx" / "index.sqlite3"
+    eng = make_engine(f"sqlite:///{db}")
+    migrate(eng)
+    s = Store(tmp_path / "s", session_factory(eng), min_free_mb=1)
+    try:
+        s.store_encoded(encoded(ct_files[43]), calling_aet="A", peer="p")
+        for suffix in ("", "-wal", "-shm"):
+            db.with_name(db.name + suffix).unlink(missing_ok=True)
+        if fault == "replaced":
+            other = make_engine(f"sqlite:///{db}")
+            migrate(other)
+            other.dispose()
+        with pytest.raises(IndexUnavailableError, match=fault) as err:
+            s.store_encoded(encoded(ct_files[44]), calling_aet="A", peer="p")
+        assert err.value.status == STATUS_INDEX_UNAVAILABLE
+        stored = [p.name for p in (tmp_path / "s").rglob("*.dcm")]
+        assert len(stored) == 1  # only the first, acknowledged into the intact index
+    finally:
+        s.close()
+        eng.dispose()
+
+
+def test_adopt_indexes_a_file_left_without_row(
+    store: Store, engine: Engine, ct_files: list[Path]
+) -> None:
+    first = store.store_encoded(encoded(ct_files[45]), calling_aet="A", peer="p")
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM instances"))
+    adopted = store.adopt(first.path, calling_aet="(reconciled)")
+    assert not adopted.duplicate
+    assert store.adopt(first.path, calling_aet="(reconciled)").duplicate
+    misplaced = first.path.with_name("1.2.3.dcm")
+    misplaced.write_bytes(first.path.read_bytes())
+    with pytest.raises(InvalidDatasetError, match="not where it belongs"):
+        store.adopt(misplaced, calling_aet="(reconciled)")

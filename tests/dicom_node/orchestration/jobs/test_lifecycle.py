@@ -12,6 +12,9 @@ from dicom_node.states import JobState
 from tests.support.indexed import IndexedNode
 from tests.support.jobs import make_jobs
 
+LOCK_WAIT_LIMIT_S = 10.0
+"""How long a claim may take while another transaction holds a row lock (it must not wait)."""
+
 
 def test_claim_is_atomic_across_threads(indexed_node: IndexedNode) -> None:
     node = indexed_node
@@ -70,3 +73,23 @@ def test_job_without_sends_is_done_once_released(indexed_node: IndexedNode) -> N
     assert jobs.finish_if_sent(node.sessions, job_id) is None  # its worker still holds it
     assert jobs.release_to_sends(node.sessions, job_id, "w")
     assert jobs.finish_if_sent(node.sessions, job_id) is JobState.DONE
+
+
+def test_postgres_claim_skips_a_job_another_worker_is_claiming(postgres_node: IndexedNode) -> None:
+    """FOR UPDATE SKIP LOCKED: a row locked by another worker's claim is passed over at once
+    (a plain conditional UPDATE would wait for that worker's transaction)."""
+    node = postgres_node
+    first, second = make_jobs(node, 2)
+    claimed: list[int | None] = []
+    with node.engine.connect() as other:  # another worker in the middle of claiming `first`
+        other.execute(select(Job.id).where(Job.id == first).with_for_update())
+        thread = threading.Thread(
+            target=lambda: claimed.append(jobs.claim_next(node.sessions, "b"))
+        )
+        thread.start()
+        thread.join(LOCK_WAIT_LIMIT_S)
+        assert not thread.is_alive(), "claim_next waited for a locked row"
+        assert claimed == [second]
+        other.rollback()
+    assert jobs.claim_next(node.sessions, "c") == first
+    assert jobs.claim_next(node.sessions, "d") is None

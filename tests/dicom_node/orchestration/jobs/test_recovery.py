@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, update
 
 from dicom_node import models
+from dicom_node.errors import ConfigError
 from dicom_node.models import Job, Send
 from dicom_node.orchestration import jobs
+from dicom_node.orchestration.jobs import recovery
 from dicom_node.states import JobState, SendState
 from tests.support.indexed import IndexedNode
 from tests.support.jobs import make_jobs
@@ -85,3 +89,44 @@ def test_stale_job_on_its_last_attempt_fails(indexed_node: IndexedNode) -> None:
         job = s.get(Job, job_id)
         assert job is not None and job.state is JobState.FAILED
         assert "stopped answering" in (job.error or "")
+
+
+def test_same_host_name_on_another_machine_or_container_is_never_declared_dead(
+    indexed_node: IndexedNode,
+) -> None:
+    """Cloned machines and containers (network_mode: host) can share a host name while their
+    pids are unrelated: a worker of another kernel boot or PID namespace is left to its lease,
+    even when its pid does not exist here."""
+    node = indexed_node
+    cfg = jobs.Settings.from_config(node.config)
+    here = jobs.host_identity()
+    assert here.startswith(socket.gethostname()[: recovery.MAX_HOST_NAME])
+    assert here != socket.gethostname()  # kernel boot and PID namespace are part of it
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    host, boot_and_namespace = here.split("/")
+    boot, namespace = boot_and_namespace.split(".")
+    pid = int(gone.stdout)
+    other_container = f"{host}/{boot}.1:{pid}:w"
+    other_machine = f"{host}/{'0' * len(boot)}.{namespace}:{pid}:w"
+    same_namespace = f"{here}:{pid}:w"
+    a, b, c = make_jobs(node, 3)
+    assert jobs.claim_next(node.sessions, other_container) == a
+    assert jobs.claim_next(node.sessions, other_machine) == b
+    assert jobs.claim_next(node.sessions, same_namespace) == c
+    assert jobs.recover_stale(node.sessions, cfg, local_host=here) == [c]
+    assert jobs.owner_id("x") == f"{here}:{os.getpid()}:x"
+
+
+def test_a_clock_far_off_the_database_server_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    jobs.check_clock(None, 60.0)  # SQLite: one machine, one clock
+    jobs.check_clock(0.3, 60.0)
+    with caplog.at_level(logging.WARNING, logger="dicom_node.orchestration.jobs.recovery"):
+        jobs.check_clock(-5.0, 60.0)
+    assert "off the database server's" in caplog.text
+    with pytest.raises(ConfigError, match="NTP"):
+        jobs.check_clock(16.0, 60.0)

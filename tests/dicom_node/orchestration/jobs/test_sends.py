@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from sqlalchemy import select
 
 from dicom_node.config import NodeConfig
@@ -13,6 +15,8 @@ from tests.support.indexed import IndexedNode
 from tests.support.jobs import make_jobs
 
 COUNTS = {DerivedKind.FUSED: 3, DerivedKind.REGISTERED_MR: 3, DerivedKind.REG: 1}
+LOCK_WAIT_LIMIT_S = 10.0
+"""How long a claim may take while another transaction holds the row lock (it must not wait)."""
 
 
 def _routed(node: IndexedNode, **jobs_section: object) -> NodeConfig:
@@ -94,3 +98,22 @@ def test_non_retryable_error_fails_at_once(indexed_node: IndexedNode) -> None:
         node.sessions, send_id, "w", 1, gone, retryable=False, cfg=cfg
     )
     assert state is SendState.FAILED
+
+
+def test_postgres_send_claim_does_not_wait_for_a_locked_row(postgres_node: IndexedNode) -> None:
+    """A send row locked by another process's claim is reported taken at once, not waited for."""
+    node = postgres_node
+    (job_id,) = make_jobs(node, 1)
+    send_id = sends.prepare_sends(node.sessions, _routed(node), job_id, COUNTS)[0]
+    got: list[bool] = []
+    with node.engine.connect() as other:
+        other.execute(select(Send.id).where(Send.id == send_id).with_for_update())
+        thread = threading.Thread(
+            target=lambda: got.append(sends.claim_send(node.sessions, send_id, "b", due_only=False))
+        )
+        thread.start()
+        thread.join(LOCK_WAIT_LIMIT_S)
+        assert not thread.is_alive(), "claim_send waited for a locked row"
+        assert got == [False]
+        other.rollback()
+    assert sends.claim_send(node.sessions, send_id, "c", due_only=False)
