@@ -37,7 +37,7 @@ from dicom_node.config_base import AETitle, Port, check_ae_title, resolve_paths_
 from dicom_node.config_base import Section as _Section
 from dicom_node.config_security import AuditSection, DestinationTls, TlsServerSection
 from dicom_node.errors import ConfigError
-from dicom_node.states import ALL_DERIVED_KINDS, DerivedKind, PrefetchMethod
+from dicom_node.states import DEFAULT_SEND_KINDS, DerivedKind, PrefetchMethod
 from fusion_engine.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
-    send: list[DerivedKind] = Field(default_factory=lambda: list(ALL_DERIVED_KINDS))
+    send: list[DerivedKind] = Field(default_factory=lambda: list(DEFAULT_SEND_KINDS))
     tls: DestinationTls | None = None
 
     @field_validator("ae_title")

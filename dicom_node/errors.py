@@ -9,6 +9,12 @@ unreliable registration, a broken installation). The worker retries a job only f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
 # CLI exit codes (sysexits-like, distinct per cause).
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -177,12 +183,21 @@ class PipelineError(NodeError):
 class RegistrationUnreliableError(PipelineError):
     """The registration looks unreliable: nothing is derived or sent without a person's review.
 
-    ``quality`` holds the registration quality figures (JSON-ready) when there were any.
+    ``quality`` holds the registration quality figures (JSON-ready) when there were any; ``qa``
+    the registration QA series of the refused result, for the person who reviews it
+    (``dicom-node jobs accept-registration`` delivers it afterwards).
     """
 
-    def __init__(self, message: str, *, quality: dict[str, object] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        quality: dict[str, object] | None = None,
+        qa: Sequence[Dataset] = (),
+    ) -> None:
         super().__init__(message)
         self.quality = quality
+        self.qa = list(qa)
 
 
 class ModelError(NodeError):

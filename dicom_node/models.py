@@ -222,6 +222,10 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     cleaned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    registration_accepted_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    registration_accepted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    """Who accepted an unreliable registration after reviewing it, and when (UTC); the worker
+    then delivers the registration the check refused (``dicom-node jobs accept-registration``)."""
 
     stages: Mapped[list[JobStage]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobStage.id"

@@ -101,10 +101,21 @@ class DerivedKind(StrEnum):
     FUSED = "fused"
     REGISTERED_MR = "registered_mr"
     REG = "reg"
+    QA = "qa"
 
 
 ALL_DERIVED_KINDS: tuple[DerivedKind, ...] = tuple(DerivedKind)
 """Every derived kind, in the order they are written and sent."""
+
+DEFAULT_SEND_KINDS: tuple[DerivedKind, ...] = (
+    DerivedKind.FUSED,
+    DerivedKind.REGISTERED_MR,
+    DerivedKind.REG,
+)
+"""What a destination receives when its ``send`` is not given: the planning objects. The
+registration QA series (Secondary Capture) goes only where ``send`` names ``qa`` (a PACS or a
+review station): several planning systems refuse Secondary Capture images, and a refused
+instance would fail the destination's send."""
 
 
 class Stage(StrEnum):

@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "WeightsError": "fusion_engine.errors",
     "InputError": "fusion_engine.errors",
     "RegistrationError": "fusion_engine.errors",
+    "UnreliableRegistrationError": "fusion_engine.errors",
+    "check_transform": "fusion_engine.registration",
 }
 
 __all__ = [
@@ -46,8 +48,10 @@ __all__ = [
     "RegistrationError",
     "RegistrationQuality",
     "RegistrationResult",
+    "UnreliableRegistrationError",
     "WeightsError",
     "__version__",
+    "check_transform",
     "ct_to_unit",
     "fuse",
     "fuse_volume",
@@ -63,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         FusionEngineError,
         InputError,
         RegistrationError,
+        UnreliableRegistrationError,
         WeightsError,
     )
     from fusion_engine.inference import MODEL_VERSION, STRATEGIES, fuse
@@ -70,6 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from fusion_engine.registration import (
         RegistrationQuality,
         RegistrationResult,
+        check_transform,
         reg_matrix_mr_to_ct,
         register,
         resample_to,

@@ -1,11 +1,36 @@
-"""Exception classes of the fusion engine."""
+"""Exception classes of the fusion engine.
+
+This module is the bottom of the engine's dependency graph: it imports nothing from the rest of
+the package. What a registration error carries is described by :class:`QualityReport`, which
+:class:`fusion_engine.registration.RegistrationQuality` satisfies.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from fusion_engine.registration import RegistrationQuality
+
+class QualityReport(Protocol):
+    """The figures a registration error carries (see ``RegistrationQuality``)."""
+
+    metric_value: float
+    mask_dice: float
+    angle_from_header_deg: float
+    warnings: list[str]
+
+    @property
+    def reliable(self) -> bool:
+        """True when every reliability check passed."""
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the result is unreliable."""
+
+    def summary(self) -> str:
+        """The evidence of the reliability check in one line."""
+
+    def to_dict(self) -> dict[str, object]:
+        """The figures as JSON-ready data (flat: names to numbers, text, lists of text)."""
 
 
 class FusionEngineError(Exception):
@@ -21,12 +46,20 @@ class InputError(FusionEngineError, ValueError):
 
 
 class RegistrationError(FusionEngineError):
-    """Registration could not run or its result is unreliable.
+    """Registration could not run (nothing to register, optimiser failure) or, as
+    :class:`UnreliableRegistrationError`, its result failed the reliability check.
 
-    ``quality`` is the :class:`fusion_engine.registration.RegistrationQuality` of the rejected
-    result when there was one (``None`` when registration could not run at all).
+    ``quality`` is the report of the rejected result when there was one.
     """
 
-    def __init__(self, message: str, *, quality: RegistrationQuality | None = None) -> None:
+    def __init__(self, message: str, *, quality: QualityReport | None = None) -> None:
         super().__init__(message)
         self.quality = quality
+
+
+class UnreliableRegistrationError(RegistrationError):
+    """The registration ran but its result failed the reliability check (``quality`` set)."""
+
+    def __init__(self, message: str, *, quality: QualityReport) -> None:
+        super().__init__(message, quality=quality)
+        self.quality: QualityReport = quality

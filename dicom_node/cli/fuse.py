@@ -19,6 +19,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--mr", type=Path, required=True, help="folder of the MR series")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--accept-unreliable",
+        action="store_true",
+        help="deliver a registration the reliability check refused, after you reviewed its "
+        "QA series (OUT/qa, OUT/preview.png); your login name and the time are recorded",
+    )
     p.set_defaults(func=cmd_fuse)
 
 
@@ -33,7 +39,12 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             raise UsageError(f"{flag} {folder}: not a folder")
     result, _paths = run_offline(
-        args.ct, args.mr, args.out, config=cfg, progress=not args.no_progress
+        args.ct,
+        args.mr,
+        args.out,
+        config=cfg,
+        progress=not args.no_progress,
+        accept_unreliable=args.accept_unreliable,
     )
     out = console()
     table = Table(title=f"fusion written to {args.out}")

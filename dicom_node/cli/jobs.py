@@ -1,4 +1,7 @@
-"""``dicom-node jobs``: list, show, retry and cancel fusion jobs (rich tables on stdout).
+"""``dicom-node jobs``: list, show, retry, cancel jobs, accept a refused registration.
+
+Tables are rich tables on stdout; ``accept-registration`` delivers a job whose registration the
+reliability check refused, after a person reviewed its QA series.
 
 These print to the admin's terminal, which may show the Patient ID; nothing here logs it.
 """
@@ -6,12 +9,14 @@ These print to the admin's terminal, which may show the Patient ID; nothing here
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,6 +69,15 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         j = jsub.add_parser(name, parents=[common], help=text)
         j.add_argument("job_id", type=int)
         j.set_defaults(func=cmd_action, action=name)
+    j = jsub.add_parser(
+        JobAction.ACCEPT_REGISTRATION,
+        parents=[common],
+        help="deliver a job whose registration was refused as unreliable, after you reviewed "
+        "its registration QA series (recorded with your name and the time)",
+    )
+    j.add_argument("job_id", type=int)
+    j.add_argument("--by", help="who reviewed and accepts it (default: your login name)")
+    j.set_defaults(func=cmd_accept_registration)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -98,6 +112,39 @@ def cmd_action(args: argparse.Namespace) -> int:
     )
     print(message)
     return EXIT_OK
+
+
+def cmd_accept_registration(args: argparse.Namespace) -> int:
+    """``jobs accept-registration ID [--by NAME]``: accept, record, audit, print the answer."""
+    cfg, _ = load(args)
+    which = JobAction.ACCEPT_REGISTRATION
+    reviewer = args.by or getpass.getuser()
+    with index_sessions(cfg) as sessions:
+        try:
+            message = jobs.accept_registration(sessions, args.job_id, by=reviewer)
+        except KeyError:
+            audit.job_action(cfg, which, args.job_id, result="no such job", ok=False, user=reviewer)
+            print(f"no job {args.job_id}", file=sys.stderr)
+            return EXIT_USAGE
+        except ValueError as exc:
+            print(str(exc), file=sys.stderr)
+            return EXIT_USAGE
+        with sessions() as session:
+            job = session.get(Job, args.job_id)
+            accepted = job is not None and job.registration_accepted_by is not None
+            patient = (job.patient_id, job.issuer_of_patient_id) if job else ("", "")
+    audit.job_action(
+        cfg,
+        which,
+        args.job_id,
+        result=message,
+        ok=accepted,
+        user=reviewer,
+        patient_id=patient[0],
+        issuer=patient[1],
+    )
+    print(message)
+    return EXIT_OK if accepted else EXIT_USAGE
 
 
 # --------------------------------------------------------------------------- formatting
@@ -246,6 +293,14 @@ def _summary_table(job: Job) -> Table:
         ("output", job.output_dir or "-"),
         ("error", f"[red]{job.error}[/red]" if job.error else "-"),
     ]
+    if job.registration_accepted_at is not None:
+        rows.append(
+            (
+                "registration accepted",
+                f"[yellow]by {escape(job.registration_accepted_by or '')} at "
+                f"{_fmt(job.registration_accepted_at)} UTC, after review[/yellow]",
+            )
+        )
     if job.cleaned_at is not None:
         rows.append(("cleaned (retention)", _fmt(job.cleaned_at)))
     table = _table(f"job {job.id}", ("key", "value"), show_header=False)

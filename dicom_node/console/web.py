@@ -31,7 +31,9 @@ router = APIRouter(include_in_schema=False)
 
 JOB_ACTION_NAMES = tuple(actions.JOB_ACTIONS)
 QUALITY_LABELS = {
-    "metric_value": "Mattes metric (lower is better)",
+    "metric_value": "Metric: minus mutual information (lower is better)",
+    "evidence": "Reliability check",
+    "reliable": "Reliable",
     "mask_dice": "Head mask overlap (Dice)",
     "iterations": "Iterations",
     "seconds": "Registration time (s)",

@@ -6,8 +6,13 @@
     OUT_DIR/fused/IM0001.dcm ...          fused series, one file per CT slice
     OUT_DIR/registered_mr/IM0001.dcm ...  MR resampled on the CT grid
     OUT_DIR/reg/REG0001.dcm               Spatial Registration object
+    OUT_DIR/qa/IM0001.dcm ...             registration QA series (Secondary Capture)
     OUT_DIR/preview.png                   CT, registered MR, fused, checkerboard (3 planes)
     OUT_DIR/summary.json                  stage times, registration quality, warnings, UIDs
+
+When the reliability check refuses the registration, only ``qa/``, ``preview.png`` (the QA
+pictures) and ``summary.json`` are written, for review, and the error is raised; run again with
+``accept_unreliable`` (``dicom-node fuse --accept-unreliable``) to deliver it after review.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicom_node.config import NodeConfig
+from dicom_node.errors import RegistrationUnreliableError
 from dicom_node.imaging.pipeline import (
     PipelineResult,
     PipelineSettings,
@@ -65,17 +71,27 @@ def run_offline(
         ct = read_series_dir(Path(ct_dir), max_gap_mm=settings.max_gap_mm)
         mr = read_series_dir(Path(mr_dir), max_gap_mm=settings.max_gap_mm)
         read_seconds = time.perf_counter() - t0
-        result = run_pair(
-            ct,
-            mr,
-            config=config,
-            on_stage=on_stage,
-            revision=revision,
-            salt=salt,
-            strategy=settings.strategy,
-            accept_unreliable=accept_unreliable,
-            fuse_progress=on_slices,
-        )
+        try:
+            result = run_pair(
+                ct,
+                mr,
+                config=config,
+                on_stage=on_stage,
+                revision=revision,
+                salt=salt,
+                strategy=settings.strategy,
+                accept_unreliable=accept_unreliable,
+                accepted_by=_reviewer() if accept_unreliable else None,
+                fuse_progress=on_slices,
+            )
+        except RegistrationUnreliableError as exc:
+            _write_refusal(out_dir, ct, mr, exc)
+            raise RegistrationUnreliableError(
+                f"{exc}. The registration QA series is in {out_dir / DerivedKind.QA} and "
+                f"{out_dir / PREVIEW}; after review, run again with --accept-unreliable",
+                quality=exc.quality,
+                qa=exc.qa,
+            ) from exc
         result.stage_seconds = {Stage.READ: read_seconds, **result.stage_seconds}
         with _timed(result, Stage.WRITE, on_stage):
             paths = write_datasets(result.datasets, out_dir)
@@ -85,6 +101,32 @@ def run_offline(
     for name, seconds in result.stage_seconds.items():
         log.info("stage %-8s %6.1f s", name, seconds)
     return result, paths
+
+
+def _reviewer() -> tuple[str, str]:
+    """Who accepts an unreliable registration offline (the login name) and when."""
+    import datetime as dt
+    import getpass
+
+    return getpass.getuser(), dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+
+
+def _write_refusal(
+    out_dir: Path, ct: SeriesVolume, mr: SeriesVolume, exc: RegistrationUnreliableError
+) -> None:
+    """The review material of a refused registration: QA series, its pictures, summary."""
+    from dicom_node.imaging.qa import write_qa_png
+
+    write_datasets({DerivedKind.QA: exc.qa}, out_dir)
+    if exc.qa:
+        write_qa_png(out_dir / PREVIEW, exc.qa)
+    summary = {
+        "ct_series_uid": ct.series_uid,
+        "mr_series_uid": mr.series_uid,
+        "error": str(exc),
+        "quality": exc.quality,
+    }
+    write_text_durably(out_dir / SUMMARY, json.dumps(summary, indent=2))
 
 
 @contextmanager
@@ -130,8 +172,7 @@ def write_result_preview(path: Path, result: PipelineResult, settings: PipelineS
         ct_window=settings.ct_window,
         warnings=result.warnings,
         title=(
-            f"MR-CT fusion ({settings.strategy}) — registration: metric "
-            f"{q.metric_value:.3f}, head Dice {q.mask_dice:.2f}, "
+            f"MR-CT fusion ({settings.strategy}) — registration: {q.summary()}, "
             f"{q.angle_from_header_deg:.0f}° from header — not for dose calculation"
         ),
     )

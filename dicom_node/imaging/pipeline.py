@@ -14,7 +14,6 @@ the node's own error classes (:mod:`dicom_node.errors`), which say whether a ret
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +33,7 @@ from dicom_node.errors import (
     PipelineError,
     RegistrationUnreliableError,
 )
-from dicom_node.imaging import derive
+from dicom_node.imaging import derive, qa
 from dicom_node.imaging.volumes import SeriesVolume, read_series
 from dicom_node.states import DerivedKind, Stage
 
@@ -87,7 +86,7 @@ class PipelineResult:
 
     def quality_info(self) -> dict[str, Any]:
         """The registration quality as JSON-ready data (manifest, summary, job detail)."""
-        return dataclasses.asdict(self.quality)
+        return self.quality.to_dict()
 
 
 @dataclass
@@ -128,25 +127,34 @@ def run_pair(
     salt: str = "",
     strategy: str | None = None,
     accept_unreliable: bool = False,
+    accepted_by: tuple[str, str] | None = None,
     fuse_progress: ProgressCallback | None = None,
 ) -> PipelineResult:
     """Register, resample, fuse and derive for one CT/MR pair (no I/O).
 
-    Raises :class:`RegistrationUnreliableError` when the registration is unreliable (unless
-    ``accept_unreliable``): a misregistered fusion is never produced silently.
+    Raises :class:`RegistrationUnreliableError` when the registration is unreliable, carrying
+    the registration QA series of the refused result for review: a misregistered fusion is
+    never produced silently. ``accept_unreliable`` delivers it anyway with the reasons among
+    the warnings; ``accepted_by`` (who, when) records the person who reviewed it.
     """
     settings = PipelineSettings.from_config(config, strategy=strategy)
     run = _Run(ct, mr, config, settings, on_stage or (lambda _stage: None))
     if ct.modality != "CT":
         log.warning("fixed series has modality %s, expected CT", ct.modality)
+    review = _review(accepted_by)
     with run.stage(Stage.REGISTER):
-        reg = _register(run, accept_unreliable)
+        reg = _register(run)
+        if not reg.quality.reliable:
+            if not accept_unreliable:
+                raise _refusal(run, reg, salt, revision, review)
+            _note_acceptance(reg, accepted_by)
     with run.stage(Stage.RESAMPLE):
         mr_on_ct, mask, mr_slices, matrix = _resample(run, reg)
     with run.stage(Stage.FUSE):
         fused = _fuse(run, mr_on_ct, mask, fuse_progress)
     with run.stage(Stage.DERIVE):
         datasets = _derive(run, reg, fused, mr_on_ct, mr_slices, matrix, salt, revision)
+        datasets[DerivedKind.QA] = _qa(run, reg, mr_on_ct, mask, salt, revision, review)
     return PipelineResult(
         datasets=datasets,
         stage_seconds=run.times,
@@ -158,26 +166,83 @@ def run_pair(
     )
 
 
-def _register(run: _Run, accept_unreliable: bool) -> RegistrationResult:
-    """Rigid registration, with fusion_engine's errors translated."""
+def _register(run: _Run) -> RegistrationResult:
+    """Rigid registration with its reliability check (the verdict is the caller's), with
+    fusion_engine's errors translated."""
     from fusion_engine.errors import InputError, RegistrationError
     from fusion_engine.registration import register
 
     try:
         return register(
-            run.ct.image,
-            run.mr.image,
-            threads=run.settings.threads,
-            accept_unreliable=accept_unreliable,
+            run.ct.image, run.mr.image, threads=run.settings.threads, accept_unreliable=True
         )
     except RegistrationError as exc:
-        quality = dataclasses.asdict(exc.quality) if exc.quality is not None else None
-        raise RegistrationUnreliableError(
-            f"registration of {run.mr.description} onto {run.ct.description} failed: {exc}",
-            quality=quality,
+        raise PipelineError(
+            f"cannot register {run.mr.description} onto {run.ct.description}: {exc}"
         ) from exc
     except InputError as exc:
         raise PipelineError(f"cannot register these series: {exc}") from exc
+
+
+def _review(accepted_by: tuple[str, str] | None) -> qa.Review:
+    return qa.Review(*accepted_by) if accepted_by else qa.Review()
+
+
+def _note_acceptance(reg: RegistrationResult, accepted_by: tuple[str, str] | None) -> None:
+    """The warning every derived object of an accepted unreliable registration carries."""
+    who = f"by {accepted_by[0]} on {accepted_by[1]} " if accepted_by else ""
+    reg.quality.warnings.append(
+        f"registration accepted {who}after review although the reliability check refused it"
+    )
+    log.warning("unreliable registration delivered: accepted %safter review", who)
+
+
+def _refusal(
+    run: _Run, reg: RegistrationResult, salt: str, revision: int, review: qa.Review
+) -> RegistrationUnreliableError:
+    """The error of an unreliable registration, with the QA series of the refused result (when
+    it can be made: the refusal stands either way)."""
+    from fusion_engine.registration import resample_to
+
+    reasons = "; ".join(reg.quality.reasons)
+    try:
+        mr_on_ct, mask = resample_to(run.ct.image, run.mr.image, reg.transform)
+        review_series = _qa(run, reg, mr_on_ct, mask, salt, revision, review)
+    except Exception:
+        log.exception("registration QA of the refused registration not made")
+        review_series = []
+    return RegistrationUnreliableError(
+        f"registration of {run.mr.description} onto {run.ct.description} failed: "
+        f"registration unreliable: {reasons}",
+        quality=reg.quality.to_dict(),
+        qa=review_series,
+    )
+
+
+def _qa(
+    run: _Run,
+    reg: RegistrationResult,
+    mr_on_ct: sitk.Image,
+    mask: sitk.Image,
+    salt: str,
+    revision: int,
+    review: qa.Review,
+) -> list[Dataset]:
+    """The registration QA series of ``reg`` (see :mod:`dicom_node.imaging.qa`)."""
+    q = reg.quality
+    opts = derive.DeriveOptions.from_config(
+        run.config, salt=salt, revision=revision, warnings=q.warnings
+    )
+    images = qa.render(
+        run.ct.image,
+        mr_on_ct,
+        mask,
+        q,
+        warnings=q.warnings,
+        ct_window=run.settings.ct_window,
+        review=review,
+    )
+    return qa.qa_series(run.ct, run.mr, images, q, warnings=q.warnings, options=opts, review=review)
 
 
 def _resample(
@@ -238,8 +303,8 @@ def _derive(
         run.config, salt=salt, revision=revision, warnings=q.warnings
     )
     comment = (
-        f"Mattes MI rigid, metric {q.metric_value:.3f}, head Dice {q.mask_dice:.2f}, "
-        f"{q.angle_from_header_deg:.0f} deg from header"
+        f"rigid MI {-q.metric_value:.2f}, {q.angle_from_header_deg:.0f} deg from header; "
+        f"{q.summary()}"
     )
     fused_series = derive.fused_series(
         ct,
@@ -272,13 +337,6 @@ def model_version() -> str:
         raise ModelError(f"fusion model unusable: {exc}") from exc
 
 
-def affine_of(transform: sitk.Transform) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """(A, b) with transform(p) = A p + b, from four points (exact for affine transforms)."""
-    origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
-    cols = [np.array(transform.TransformPoint(tuple(e))) - origin for e in np.eye(3).tolist()]
-    return np.column_stack(cols), origin
-
-
 def mr_slices_per_ct_slice(
     ct: SeriesVolume, mr: SeriesVolume, transform: sitk.Transform, mask: sitk.Image
 ) -> list[list[int]]:
@@ -287,6 +345,8 @@ def mr_slices_per_ct_slice(
     The corners of the slice's MR-mask bounding box are mapped into the MR; every stored MR
     slice within the interpolation reach of that range counts (a superset, never a miss).
     """
+    from fusion_engine.registration import affine_of
+
     a, b = affine_of(transform)
     mask_arr = sitk.GetArrayViewFromImage(mask)
     ct_dir, ct_org = _index_to_physical(ct.image)

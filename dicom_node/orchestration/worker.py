@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -41,17 +42,24 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig, read_config_file
 from dicom_node.config_watcher import ConfigWatcher
-from dicom_node.errors import ConfigError, NodeError, SourceSeriesMissingError
+from dicom_node.errors import (
+    ConfigError,
+    NodeError,
+    RegistrationUnreliableError,
+    SourceSeriesMissingError,
+)
 from dicom_node.models import Job
 from dicom_node.orchestration import dispatch, jobs
-from dicom_node.states import STAGE_JOB_STATE, JobState, Stage
+from dicom_node.states import STAGE_JOB_STATE, DerivedKind, JobState, Stage
 from dicom_node.storage.derived import (
     PREVIEW,
     DerivedFile,
     job_dir,
     read_manifest,
+    save_dataset,
     write_job_outputs,
 )
+from dicom_node.storage.fsutil import make_dirs
 from dicom_node.storage.source import check_storage_root, series_source
 
 if TYPE_CHECKING:
@@ -133,9 +141,20 @@ def compute(ctx: Context, job: Job, folder: Path, tracker: _StageTracker) -> lis
             raise SourceSeriesMissingError("source series no longer in the index (retention?)")
         ct, mr = pipeline.read_pair(ct_paths, mr_paths, config=config)
     read_seconds = time.monotonic() - t0
-    result = pipeline.run_pair(
-        ct, mr, config=config, on_stage=tracker.on_stage, revision=job.revision
-    )
+    accepted = _acceptance(job)
+    try:
+        result = pipeline.run_pair(
+            ct,
+            mr,
+            config=config,
+            on_stage=tracker.on_stage,
+            revision=job.revision,
+            accept_unreliable=accepted is not None,
+            accepted_by=accepted,
+        )
+    except RegistrationUnreliableError as exc:
+        _write_review(folder, job.id, exc)
+        raise
     tracker.enter(JobState.WRITING)
     stage_seconds = {str(Stage.READ): round(read_seconds, 3)}
     stage_seconds.update({str(k): round(v, 3) for k, v in result.stage_seconds.items()})
@@ -147,10 +166,41 @@ def compute(ctx: Context, job: Job, folder: Path, tracker: _StageTracker) -> lis
         "stage_seconds": stage_seconds,
         "warnings": list(result.warnings),
         "quality": result.quality_info(),
+        "registration_accepted_by": accepted[0] if accepted else None,
+        "registration_accepted_at": accepted[1] if accepted else None,
     }
     files = write_job_outputs(folder, result.datasets, info)
     _write_preview(folder, job.id, result, config)
     return files
+
+
+def _acceptance(job: Job) -> tuple[str, str] | None:
+    """(who, when) of a person's acceptance of the job's unreliable registration, or None."""
+    if job.registration_accepted_at is None:
+        return None
+    who = job.registration_accepted_by or "unknown"
+    return who, f"{job.registration_accepted_at:%Y-%m-%d %H:%M} UTC"
+
+
+def _write_review(folder: Path, job_id: int, exc: RegistrationUnreliableError) -> None:
+    """The review material of a refused registration in the job's folder: its QA series
+    (``qa/``) and their pictures as the job's preview, for the person who decides whether to
+    accept it. No manifest: nothing here is complete or sendable."""
+    from dicom_node.imaging.qa import write_qa_png
+
+    if not exc.qa:
+        return
+    try:
+        if folder.exists():
+            shutil.rmtree(folder)
+        make_dirs(folder / DerivedKind.QA)
+        for ds in exc.qa:
+            save_dataset(ds, folder / DerivedKind.QA / f"{ds.SOPInstanceUID}.dcm")
+        write_qa_png(folder / PREVIEW, exc.qa)
+    except OSError:
+        log.exception("job %d: review material of the refused registration not written", job_id)
+        return
+    log.info("job %d: registration QA of the refused registration written for review", job_id)
 
 
 def _write_preview(folder: Path, job_id: int, result: PipelineResult, config: NodeConfig) -> None:

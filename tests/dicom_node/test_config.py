@@ -113,7 +113,7 @@ def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
                 }
             },
             "destinations.PACS.send.1",
-            "'fused', 'registered_mr' or 'reg'",
+            "'fused', 'registered_mr', 'reg' or 'qa'",
         ),
         ({"routing": {"send_to": ["NOWHERE"]}}, "(top level)", "unknown destination(s) NOWHERE"),
         (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dicom_node.states import (
     ACTIVE_JOB_STATES,
+    DEFAULT_SEND_KINDS,
     STAGE_JOB_STATE,
     TERMINAL_JOB_STATES,
     DerivedKind,
@@ -25,5 +26,6 @@ def test_stages_map_to_active_states() -> None:
 
 
 def test_values_are_what_the_index_and_config_hold() -> None:
-    assert [str(k) for k in DerivedKind] == ["fused", "registered_mr", "reg"]
+    assert [str(k) for k in DerivedKind] == ["fused", "registered_mr", "reg", "qa"]
+    assert [str(k) for k in DEFAULT_SEND_KINDS] == ["fused", "registered_mr", "reg"]
     assert JobState("done") is JobState.DONE and str(JobState.DONE) == "done"

@@ -106,3 +106,17 @@ def read_back(ds: Dataset, tmp: Path, name: str) -> Dataset:
     path = tmp / name
     ds.save_as(path, enforce_file_format=True)
     return pydicom.dcmread(path)
+
+
+def mirrored_series(src: Path, dst: Path, *, salt: str = "mirrored") -> Path:
+    """A copy of the series ``src`` (new UIDs) with every image flipped left-right, headers
+    kept: a mirror image of the patient that no rigid registration can align (an improper
+    transform), which the registration's reliability check must refuse."""
+    import numpy as np
+
+    folder = copy_series(src, dst, salt=salt)
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+    return folder

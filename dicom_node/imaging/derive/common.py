@@ -35,6 +35,7 @@ KIND_OFFSETS: dict[DerivedKind, int] = {
     DerivedKind.FUSED: 1,
     DerivedKind.REGISTERED_MR: 2,
     DerivedKind.REG: 3,
+    DerivedKind.QA: 4,
 }
 """SeriesNumber of a derived kind: ``derive.series_number_base + 10 * revision + offset``."""
 LO_MAX = 64

@@ -162,7 +162,7 @@ def fused_series(
     center, width = _window(real)
     description = fused_description(options.warnings)
     derivation = fit_lo(
-        f"MR-CT fusion: MR rigidly registered to CT (Mattes MI) and resampled linearly onto "
+        f"MR-CT fusion: MR rigidly registered to CT (mutual information), resampled linearly onto "
         f"the CT grid; {method}{' (' + strategy + ' strategy)' if strategy else ''}"
         f"{', model ' + model_version if model_version else ''}; CT window image alone "
         f"where the MR has no data. {NOT_FOR_DOSE.capitalize()}.",

@@ -3,13 +3,13 @@
 - :mod:`.lifecycle`: creation, atomic claim, stages, hand-back, outcome of an attempt;
 - :mod:`.sends`: the per-destination send rows and their retries;
 - :mod:`.recovery`: taking work back from dead workers;
-- :mod:`.admin`: retry and cancel on an admin's request;
+- :mod:`.admin`: retry, cancel and accepting a refused registration on an admin's request;
 - :mod:`.settings`: the retry, lease and polling settings derived from the config.
 """
 
 from __future__ import annotations
 
-from dicom_node.orchestration.jobs.admin import cancel_job, retry_job
+from dicom_node.orchestration.jobs.admin import accept_registration, cancel_job, retry_job
 from dicom_node.orchestration.jobs.lifecycle import (
     claim_next,
     create_job,
@@ -31,6 +31,7 @@ from dicom_node.orchestration.jobs.settings import Settings, backoff_seconds
 
 __all__ = [
     "Settings",
+    "accept_registration",
     "backoff_seconds",
     "cancel_job",
     "check_clock",

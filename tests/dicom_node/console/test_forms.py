@@ -17,7 +17,7 @@ from dicom_node.console.forms import (
     merge_section,
     parse_form,
 )
-from dicom_node.states import DerivedKind
+from dicom_node.states import DEFAULT_SEND_KINDS, DerivedKind
 
 
 class _Tls(BaseModel):
@@ -48,8 +48,8 @@ def test_kinds_follow_types() -> None:
     assert fields["ae_title"].kind == Kind.TEXT and fields["ae_title"].required
     assert fields["port"].kind == Kind.INTEGER
     assert fields["send"].kind == Kind.CHOICES
-    assert fields["send"].choices == ("fused", "registered_mr", "reg")
-    assert fields["send"].value == ["fused", "registered_mr", "reg"]  # the default
+    assert fields["send"].choices == ("fused", "registered_mr", "reg", "qa")
+    assert fields["send"].value == ["fused", "registered_mr", "reg", "qa"]  # the default
     assert fields["tls"].kind == Kind.GROUP and fields["tls"].optional
     assert [c.name for c in fields["tls"].children] == ["tls.ca_file", "tls.verify_host"]
     assert fields["mode"].kind == Kind.SELECT and fields["mode"].choices == ("a", "b")
@@ -90,7 +90,7 @@ def test_parse_converts_where_unambiguous_and_keeps_bad_text() -> None:
 
 
 def test_merge_writes_no_defaults_the_file_did_not_state() -> None:
-    submitted = {"ae_title": "PACS", "host": "pacs", "port": 104, "send": list(DerivedKind)}
+    submitted = {"ae_title": "PACS", "host": "pacs", "port": 104, "send": list(DEFAULT_SEND_KINDS)}
     assert merge_section(Destination, None, submitted) == {
         "ae_title": "PACS",
         "host": "pacs",

@@ -1,4 +1,5 @@
-"""Admin actions: retry keeps what was delivered, cancel stops open sends."""
+"""Admin actions: retry keeps what was delivered, cancel stops open sends, a refused
+registration is accepted only after it failed as unreliable."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node import models
+from dicom_node.errors import RegistrationUnreliableError
 from dicom_node.models import Job, Send, SentInstance
 from dicom_node.orchestration import jobs
 from dicom_node.states import JobState, SendState
@@ -86,3 +88,43 @@ def test_unknown_job_is_a_key_error(indexed_node: IndexedNode) -> None:
         jobs.retry_job(indexed_node.sessions, 4242)
     with pytest.raises(KeyError):
         jobs.cancel_job(indexed_node.sessions, 4242)
+
+
+def _fail(node: IndexedNode, job_id: int, error: str) -> None:
+    with node.sessions() as s:
+        s.execute(
+            Job.__table__.update()  # type: ignore[attr-defined]
+            .where(Job.id == job_id)
+            .values(state=JobState.FAILED, error=error, attempts=1)
+        )
+        s.commit()
+
+
+def test_accept_registration_only_for_a_refused_registration(indexed_node: IndexedNode) -> None:
+    """A job that failed as unreliable is queued again with who/when recorded; others are not."""
+    node = indexed_node
+    refused, other, queued = make_jobs(node, 3)
+    unreliable = f"{RegistrationUnreliableError.__name__}: registration unreliable: mirror"
+    _fail(node, refused, unreliable)
+    _fail(node, other, "SeriesError: unreadable")
+    before = models.utcnow()
+    message = jobs.accept_registration(node.sessions, refused, by="  Dr  Smith ")
+    assert message.startswith(f"job {refused}: registration accepted by Dr Smith")
+    with node.sessions() as s:
+        job = s.get(Job, refused)
+        assert job is not None and (job.state, job.attempts, job.error) == (
+            JobState.QUEUED,
+            0,
+            None,
+        )
+        assert job.registration_accepted_by == "Dr Smith"
+        assert job.registration_accepted_at is not None and job.registration_accepted_at >= before
+    for job_id in (other, queued, refused):  # refused is queued now: nothing left to accept
+        assert "nothing to accept" in jobs.accept_registration(node.sessions, job_id, by="X")
+    with node.sessions() as s:
+        untouched = s.get(Job, other)
+        assert untouched is not None and untouched.registration_accepted_by is None
+    with pytest.raises(KeyError):
+        jobs.accept_registration(node.sessions, 4242, by="X")
+    with pytest.raises(ValueError):
+        jobs.accept_registration(node.sessions, refused, by="   ")
