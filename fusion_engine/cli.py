@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 from fusion_engine.defaults import DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
 from fusion_engine.errors import FusionEngineError
@@ -25,14 +26,27 @@ def _cases(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fusion-engine``."""
-    from fusion_engine.inference import STRATEGIES
-    from fusion_engine.research.data import DEFAULT_VAL_CASES, default_data_root
-
     p = argparse.ArgumentParser(prog="fusion-engine", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_fuse_commands(sub)
+    _add_evaluate(sub)
+    _add_train(sub)
+    x = sub.add_parser(
+        "export-weights", help="checkpoint of either stage -> fusion_engine/weights/"
+    )
+    x.add_argument("checkpoint", type=Path)
+    x.add_argument("--dest", type=Path, default=Path(__file__).parent / "weights")
+    return p
+
+
+def _add_fuse_commands(sub: Subparsers) -> None:
+    from fusion_engine.inference import STRATEGIES
 
     f = sub.add_parser("fuse", help="fuse one CT/MR pair of grey PNGs (8 or 16 bit)")
     f.add_argument("ct", type=Path)
@@ -54,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
     fp.add_argument("--device", default="auto")
     fp.add_argument("--cases", type=_cases, default=None, help="only these cases, e.g. 21,34")
+
+
+def _add_evaluate(sub: Subparsers) -> None:
+    from fusion_engine.research.data import DEFAULT_VAL_CASES
 
     e = sub.add_parser("evaluate", help="Table-2 style report: strategies vs baselines")
     e.add_argument("--pairs", type=Path, required=True)
@@ -80,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--no-peers", action="store_true", help="score without the peers")
     e.add_argument("--no-progress", action="store_true", help="no status lines")
+
+
+def _add_train(sub: Subparsers) -> None:
+    from fusion_engine.research.data import DEFAULT_VAL_CASES, default_data_root
 
     t = sub.add_parser(
         "train", help="train the autoencoder (paper recipe) or, --stage fusion, the fusion stage"
@@ -119,13 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--no-progress", action="store_true")
-
-    x = sub.add_parser(
-        "export-weights", help="checkpoint of either stage -> fusion_engine/weights/"
-    )
-    x.add_argument("checkpoint", type=Path)
-    x.add_argument("--dest", type=Path, default=Path(__file__).parent / "weights")
-    return p
 
 
 def _fusion_stage_arguments(t: argparse.ArgumentParser) -> None:
