@@ -35,9 +35,10 @@ sys.path.insert(0, str(REPO))
 from dicom_node.config import read_config_file  # noqa: E402
 from dicom_node.db import make_engine, session_factory  # noqa: E402
 from dicom_node.models import Job  # noqa: E402
-from dicom_node.orchestration.dispatch import job_dir, manifest_info  # noqa: E402
-from tests.orthanc import Orthanc  # noqa: E402
+from dicom_node.states import JobState  # noqa: E402
+from dicom_node.storage.derived import job_dir, manifest_info  # noqa: E402
 from tests.peers import free_port, port_open  # noqa: E402
+from tests.peers.orthanc import Orthanc  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mridir-phantom"
 STORESCU = Path(os.environ.get("DCMTK_BIN", "/usr/bin")) / "storescu"
@@ -144,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         def finished() -> Job | None:
             with sessions() as s:
                 job = s.query(Job).order_by(Job.id).first()
-                if job is None or job.state not in ("done", "failed"):
+                if job is None or job.state not in (JobState.DONE, JobState.FAILED):
                     return None
                 _ = (job.stages, job.sends)
                 return job
 
         job = _wait(finished, args.timeout, "job done", interval=0.5)
-        if job.state != "done":
+        if job.state != JobState.DONE:
             print(f"job failed: {job.error}", file=sys.stderr)
             return 1
         send_end = max(s.finished_at for s in job.sends if s.finished_at is not None)

@@ -8,34 +8,34 @@ file (``storage.root``, SQLite database paths, ``logging.file``) resolve against
 that file; with no file, against the working directory.
 
 Every model is frozen: a reload builds a new :class:`NodeConfig` and hands it to the
-subscribers of :class:`ConfigWatcher`; nothing mutates a config in place.
+subscribers of :class:`dicom_node.config_watcher.ConfigWatcher`; nothing mutates a config in
+place.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import re
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from dicom_node.config_base import AETitle, Port, check_ae_title, resolve_paths_in
+from dicom_node.config_base import Section as _Section
+from dicom_node.config_security import AuditSection, DestinationTls, TlsServerSection
 from dicom_node.errors import ConfigError
-from fusion_engine.defaults import DEFAULT_BATCH_SIZE
+from dicom_node.states import ALL_DERIVED_KINDS, DerivedKind, PrefetchMethod
+from fusion_engine.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +44,20 @@ DEFAULT_CONFIG_PATH = Path("config") / "node.yaml"
 DEFAULT_STORAGE_DIR = "dicom-node-data"
 DB_FILENAME = "index.sqlite3"
 
-DerivedKind = Literal["fused", "registered_mr", "reg"]
-ALL_KINDS: tuple[DerivedKind, ...] = ("fused", "registered_mr", "reg")
+MAX_UID_ROOT_LENGTH = 32
+"""Longest ``derive.uid_root``: leaves at least 31 decimal digits of hash in a 64-character UID,
+so derived UIDs stay unique (see :func:`dicom_node.imaging.derive.derive_uid`)."""
 
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+DEFAULT_HTTP_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8080
+PASSWORD_FILE = Path("console") / "users.json"
+"""Admin console password hashes, below ``storage.root`` unless ``http.password_file`` says."""
+
+DEFAULT_MAX_GAP_MM = 10.0
+"""Widest gap between stored slices of a series that is still read as one volume."""
+
 _DEST_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-
-
-def _check_ae_title(value: str) -> str:
-    """Validate a DICOM AE title (1-16 printable ASCII characters, no backslash)."""
-    stripped = value.strip()
-    if not stripped or not _AE_RE.match(value):
-        raise ValueError(
-            f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
-        )
-    return stripped
-
-
-AETitle = Annotated[str, StringConstraints(min_length=1, max_length=16)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-
-
-class _Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class NodeSection(_Section):
@@ -77,7 +65,8 @@ class NodeSection(_Section):
 
     ae_title: AETitle = "FUSIONNODE"
     host: str = "0.0.0.0"
-    port: Port = 11112
+    port: Port | None = 11112
+    tls: TlsServerSection | None = None
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
@@ -86,12 +75,20 @@ class NodeSection(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return _check_ae_title(v)
+        return check_ae_title(v)
 
     @field_validator("allowed_calling_aets")
     @classmethod
     def _aets(cls, v: list[str]) -> list[str]:
-        return [_check_ae_title(x) for x in v]
+        return [check_ae_title(x) for x in v]
+
+    @model_validator(mode="after")
+    def _listens(self) -> NodeSection:
+        if self.port is None and self.tls is None:
+            raise ValueError("port is null and tls is not set: the node would not listen at all")
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"tls.port {self.port} is also the plain port")
+        return self
 
 
 class StorageSection(_Section):
@@ -113,12 +110,13 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
-    send: list[DerivedKind] = Field(default_factory=lambda: list(ALL_KINDS))
+    send: list[DerivedKind] = Field(default_factory=lambda: list(ALL_DERIVED_KINDS))
+    tls: DestinationTls | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return _check_ae_title(v)
+        return check_ae_title(v)
 
 
 class RoutingSection(_Section):
@@ -166,18 +164,19 @@ class JobsSection(_Section):
 
 
 class WorkerSection(_Section):
-    """``worker``: where and how the fusion worker computes."""
+    """``worker``: where and how the fusion worker computes, and whether serve runs one."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
     poll_seconds: Annotated[float, Field(gt=0)] = 2.0
+    embedded: bool = True
 
 
 class FusionSection(_Section):
     """``fusion``: fusion strategy and CT intensity window."""
 
-    strategy: str = "mean-attention"
-    ct_window: tuple[float, float] = (40.0, 400.0)
+    strategy: str = DEFAULT_STRATEGY
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
     batch_size: Annotated[int, Field(ge=1)] = DEFAULT_BATCH_SIZE
     precision: Literal["auto", "fp32", "channels_last", "bf16"] = "auto"
 
@@ -199,9 +198,18 @@ class DeriveSection(_Section):
     @classmethod
     def _root(cls, v: str) -> str:
         v = v.rstrip(".")
-        if not _UID_ROOT_RE.match(v) or len(v) > 32:
-            raise ValueError(f"{v!r} is not a valid UID root (digits and dots, at most 32 chars)")
+        if not _UID_ROOT_RE.match(v) or len(v) > MAX_UID_ROOT_LENGTH:
+            raise ValueError(
+                f"{v!r} is not a valid UID root (digits and dots, "
+                f"at most {MAX_UID_ROOT_LENGTH} characters)"
+            )
         return v
+
+
+class VolumesSection(_Section):
+    """``volumes``: how stored series are read as volumes."""
+
+    max_gap_mm: Annotated[float, Field(gt=0)] = DEFAULT_MAX_GAP_MM
 
 
 class RetentionSection(_Section):
@@ -209,6 +217,35 @@ class RetentionSection(_Section):
 
     enabled: bool = False
     days: Annotated[int, Field(ge=1)] = 30
+
+
+class PrefetchSection(_Section):
+    """``prefetch``: retrieve the MR of a waiting CT from the PACS (Query/Retrieve SCU).
+
+    The time window and the series preferences are the pairing settings
+    (``pairing.max_days_between``, ``pairing.mr_rules``); backoff between attempts is
+    ``jobs.retry_backoff_seconds`` / ``jobs.max_backoff_seconds``.
+    """
+
+    enabled: bool = False
+    source: str | None = None
+    method: PrefetchMethod = PrefetchMethod.MOVE
+    max_series: Annotated[int, Field(ge=1)] = 1
+    max_attempts: Annotated[int, Field(ge=1)] = 10
+
+
+class HttpSection(_Section):
+    """``http``: the admin console (web pages, REST API, /metrics, /healthz, /readyz).
+
+    Served by ``dicom-node serve`` in its own process when this section is present. The default
+    host is the loopback interface: the console is reachable from other machines only when an
+    admin says so (or through a reverse proxy that adds TLS).
+    """
+
+    host: str = DEFAULT_HTTP_HOST
+    port: Port = DEFAULT_HTTP_PORT
+    password_file: Path | None = None
+    session_idle_minutes: Annotated[float, Field(gt=0)] = 30.0
 
 
 class LoggingSection(_Section):
@@ -231,8 +268,12 @@ class NodeConfig(_Section):
     worker: WorkerSection = Field(default_factory=WorkerSection)
     fusion: FusionSection = Field(default_factory=FusionSection)
     derive: DeriveSection = Field(default_factory=DeriveSection)
+    volumes: VolumesSection = Field(default_factory=VolumesSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
+    prefetch: PrefetchSection = Field(default_factory=PrefetchSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    audit: AuditSection = Field(default_factory=AuditSection)
+    http: HttpSection | None = None
 
     @field_validator("destinations")
     @classmethod
@@ -252,12 +293,31 @@ class NodeConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _prefetch_source_known(self) -> NodeConfig:
+        source = self.prefetch.source
+        if source is not None and source not in self.destinations:
+            raise ValueError(
+                f"prefetch.source names unknown destination {source!r}; "
+                f"known: {', '.join(sorted(self.destinations)) or 'none'}"
+            )
+        if self.prefetch.enabled and source is None:
+            raise ValueError("prefetch.enabled needs prefetch.source (a destinations entry)")
+        return self
+
     @property
     def database_url(self) -> str:
         """The effective database URL (same as ``database.url`` after :func:`load_config`)."""
         if self.database.url is not None:
             return self.database.url
         return f"sqlite:///{self.storage.root / DB_FILENAME}"
+
+    @property
+    def password_file(self) -> Path:
+        """The admin console's password file (``http.password_file``, else under storage)."""
+        if self.http is not None and self.http.password_file is not None:
+            return self.http.password_file
+        return self.storage.root / PASSWORD_FILE
 
 
 def _resolve_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
@@ -277,11 +337,20 @@ def _resolve_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
     log_file = cfg.logging.file
     if log_file is not None and not log_file.expanduser().is_absolute():
         log_file = Path(os.path.normpath(base / log_file))
+    http = cfg.http
+    if http is not None and http.password_file is not None:
+        pw = http.password_file.expanduser()
+        http = http.model_copy(update={"password_file": pw if pw.is_absolute() else base / pw})
     return cfg.model_copy(
         update={
             "storage": storage,
             "database": cfg.database.model_copy(update={"url": url}),
             "logging": cfg.logging.model_copy(update={"file": log_file}),
+            # certificate, key and audit files: relative to the config file's folder too
+            "node": resolve_paths_in(cfg.node, base),
+            "destinations": {n: resolve_paths_in(d, base) for n, d in cfg.destinations.items()},
+            "audit": resolve_paths_in(cfg.audit, base),
+            "http": http,
         }
     )
 
@@ -382,121 +451,3 @@ def load_config(
         return read_config_file(resolved, overrides), resolved
     log.debug("no config file at %s: using embedded defaults", resolved)
     return parse_config({}, source="(defaults)", base=Path.cwd(), overrides=overrides), resolved
-
-
-def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
-    """Keys that changed between two configs but take effect only after a restart."""
-    keys = []
-    for section, field in (
-        ("node", "host"),
-        ("node", "port"),
-        ("node", "network_timeout_seconds"),
-        ("storage", "root"),
-        ("database", "url"),
-        ("logging", "file"),
-    ):
-        if getattr(getattr(old, section), field) != getattr(getattr(new, section), field):
-            keys.append(f"{section}.{field}")
-    return keys
-
-
-Subscriber = Callable[[NodeConfig], None]
-
-
-class ConfigWatcher:
-    """Poll a config file and hand each valid new version to subscribers.
-
-    The file is checked every ``interval`` seconds (at most 1 s by default) by a daemon
-    thread; :meth:`check` does one poll and can be called from a scheduler instead. A change
-    is applied only once the same new content has been seen on two consecutive polls, so a file
-    caught half-written by an editor (empty, say, which would mean "all defaults" and an open
-    allow-list) is never applied. An invalid edit is logged as an error and the last good config
-    stays in force.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        initial: NodeConfig,
-        *,
-        overrides: Mapping[str, Any] | None = None,
-        interval: float = 1.0,
-    ) -> None:
-        """Watch ``path``, starting from the already loaded ``initial`` config."""
-        self.path = path
-        self.interval = interval
-        self._overrides = dict(overrides or {})
-        self._current = initial
-        self._signature = self._file_signature()
-        self._pending: str | None = None
-        self._subscribers: list[Subscriber] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def current(self) -> NodeConfig:
-        """The last good config."""
-        return self._current
-
-    def subscribe(self, callback: Subscriber) -> None:
-        """Call ``callback(new_config)`` after every successful reload."""
-        self._subscribers.append(callback)
-
-    def _file_signature(self) -> str | None:
-        try:
-            return hashlib.sha256(self.path.read_bytes()).hexdigest()
-        except OSError:
-            return None
-
-    def check(self) -> bool:
-        """Poll once; reload and notify when the file changed. True when a new config applied."""
-        with self._lock:
-            sig = self._file_signature()
-            if sig == self._signature:
-                self._pending = None
-                return False
-            if sig != self._pending:  # first sight of this content: let the write settle
-                self._pending = sig
-                return False
-            self._pending = None
-            self._signature = sig
-            if sig is None:
-                log.error("config file %s disappeared; keeping the last good config", self.path)
-                return False
-            try:
-                new = read_config_file(self.path, self._overrides)
-            except ConfigError as exc:
-                log.error("config reload rejected, keeping the last good config:\n%s", exc)
-                return False
-            old, self._current = self._current, new
-            for key in restart_needed(old, new):
-                log.warning("config %s changed in %s: takes effect after a restart", key, self.path)
-            log.info("config reloaded from %s", self.path)
-            for callback in self._subscribers:
-                try:
-                    callback(new)
-                except Exception:
-                    log.exception("config reload subscriber %r failed", callback)
-            return True
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception:  # never let the watcher thread die
-                log.exception("config watcher poll failed")
-
-    def start(self) -> None:
-        """Start the polling thread."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="config-watcher", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the polling thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None

@@ -1,28 +1,46 @@
-"""Database engine, sessions and forward migrations (the only place engines are made).
+"""Database engine, sessions and schema migrations (the only place engines are made).
 
 One engine per process. SQLite runs in WAL mode with foreign keys, a busy timeout (the SCP and
 the worker are separate processes sharing the file) and ``synchronous=FULL`` so that an index
-row is durable when the C-STORE response says Success.
+row is durable when the C-STORE response says Success. PostgreSQL (``postgresql+psycopg://``,
+the ``postgres`` extra) is the backend for workers on several machines; its pooled connections
+are checked before use, so a restarted or failed-over server costs a reconnect, not an error.
+
+The schema is migrated with Alembic (revisions in :mod:`dicom_node.migrations`) by
+:func:`migrate`, which every process calls at start-up; concurrent starts are serialised by a
+lock (a file lock beside a SQLite database, an advisory lock on PostgreSQL). A database made by
+the hand-written versioning of earlier releases (table ``schema_version`` at 2) is adopted: it
+holds exactly the baseline revision's tables, so it is stamped with it and upgraded from there.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
-from collections.abc import Callable
-from datetime import UTC, datetime
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, select, update
-from sqlalchemy.engine import Connection, make_url
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.errors import StorageError
-from dicom_node.models import SCHEMA_V1_TABLES, SCHEMA_V2_TABLES, Base, SchemaVersion
+from dicom_node.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+LEGACY_VERSION_TABLE = "schema_version"
+LEGACY_BASELINE = ("0001", 2)
+"""The Alembic revision a database of the hand-written schema version 2 is stamped with."""
+PG_MIGRATION_LOCK = 0x4D52_4354  # "MRCT": the advisory lock key of migrations on PostgreSQL
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -36,20 +54,42 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cur.close()
 
 
+def _sqlite_file(engine_or_url: Engine | str) -> Path | None:
+    """The database file of a SQLite URL (None for other backends and in-memory databases)."""
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
+    db = url.database
+    if url.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` for display: the password (if the URL holds one) replaced by ``***``."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def make_engine(url: str) -> Engine:
     """Create the process's engine; for SQLite create the folder and set the pragmas."""
-    parsed = make_url(url)
-    is_sqlite = parsed.get_backend_name() == "sqlite"
     kwargs: dict[str, Any] = {}
+    is_sqlite = make_url(url).get_backend_name() == "sqlite"
+    db_file = _sqlite_file(url)
+    if db_file is not None:
+        try:
+            db_file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the database folder for {db_file}: {exc}") from exc
     if is_sqlite:
-        db = parsed.database
-        if db and db != ":memory:" and not db.startswith("file:"):
-            try:
-                Path(db).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StorageError(f"cannot create the database folder for {db}: {exc}") from exc
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
-    engine = create_engine(url, **kwargs)
+    else:
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = create_engine(url, **kwargs)
+    except ImportError as exc:
+        raise ConfigError(
+            f"database.url needs the database driver {exc.name!r}, which is not installed "
+            f"(PostgreSQL: pip install 'mrct-fusion-node[postgres]' and a "
+            f"postgresql+psycopg:// URL)"
+        ) from None
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -60,51 +100,100 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def _v1(conn: Connection) -> None:
-    """Version 1: patients, studies, series, instances."""
-    Base.metadata.create_all(conn, tables=[t.__table__ for t in SCHEMA_V1_TABLES], checkfirst=True)  # type: ignore[misc]
+def _alembic_config(connection: Connection) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
 
 
-def _v2(conn: Connection) -> None:
-    """Version 2 (orchestration, issue 5): series progress, pairing decisions, jobs, sends."""
-    Base.metadata.create_all(conn, tables=[t.__table__ for t in SCHEMA_V2_TABLES], checkfirst=True)  # type: ignore[misc]
+def head_revision() -> str:
+    """The newest revision this software knows."""
+    script = ScriptDirectory(str(MIGRATIONS))
+    head = script.get_current_head()
+    if head is None:
+        raise StorageError("no database migrations found in the installation")
+    return head
 
 
-# MIGRATIONS[i] upgrades a database from version i to version i + 1. Append, never edit.
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_v1, _v2)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def schema_version(engine: Engine) -> int:
-    """The version the database is at (0 for an empty database)."""
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None for an empty or legacy database)."""
     with engine.connect() as conn:
-        if not engine.dialect.has_table(conn, SchemaVersion.__tablename__):
-            return 0
-        return int(conn.scalar(select(SchemaVersion.version).where(SchemaVersion.id == 1)) or 0)
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Serialise migrations of one database across processes (serve, workers, CLI)."""
+    db_file = _sqlite_file(engine)
+    if db_file is not None:
+        with open(db_file.with_name(db_file.name + ".migrate.lock"), "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            yield
+        return
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_MIGRATION_LOCK})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_MIGRATION_LOCK})
+        return
+    yield
+
+
+def _adopt_legacy(conn: Connection, cfg: Config) -> None:
+    """Stamp a database of the hand-written versioning with the matching Alembic revision."""
+    tables = inspect(conn).get_table_names()
+    if LEGACY_VERSION_TABLE not in tables or "alembic_version" in tables:
+        return
+    version = conn.execute(
+        text(f"SELECT version FROM {LEGACY_VERSION_TABLE} WHERE id = 1")
+    ).scalar()
+    revision, expected = LEGACY_BASELINE
+    if version != expected:
+        raise StorageError(
+            f"database schema version {version} of an early release cannot be upgraded "
+            f"automatically (only version {expected}); export and re-import the data"
+        )
+    log.info("adopting a database of schema version %d as revision %s", version, revision)
+    command.stamp(cfg, revision)
 
 
 def migrate(engine: Engine) -> None:
-    """Create or upgrade the schema to :data:`SCHEMA_VERSION`, one step at a time."""
-    with engine.begin() as conn:
-        SchemaVersion.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
-        current = int(conn.scalar(select(SchemaVersion.version).where(SchemaVersion.id == 1)) or 0)
-        if current > SCHEMA_VERSION:
+    """Create or upgrade the schema to the newest revision (idempotent, safe to race)."""
+    head = head_revision()
+    with _migration_lock(engine), engine.begin() as conn:
+        cfg = _alembic_config(conn)
+        _adopt_legacy(conn, cfg)
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current == head:
+            return
+        if current is not None and current not in _known_revisions():
             raise StorageError(
-                f"database schema version {current} is newer than this software "
-                f"({SCHEMA_VERSION}); upgrade dicom-node"
+                f"database schema revision {current} is newer than this software ({head}); "
+                "upgrade dicom-node"
             )
-        for version in range(current, SCHEMA_VERSION):
-            log.info("migrating database schema %d -> %d", version, version + 1)
-            MIGRATIONS[version](conn)
-        if current != SCHEMA_VERSION:
-            now = datetime.now(UTC).replace(tzinfo=None)
-            if current == 0:
-                conn.execute(
-                    insert(SchemaVersion).values(id=1, version=SCHEMA_VERSION, migrated_at=now)
-                )
-            else:
-                conn.execute(
-                    update(SchemaVersion)
-                    .where(SchemaVersion.id == 1)
-                    .values(version=SCHEMA_VERSION, migrated_at=now)
-                )
+        log.info("migrating database schema %s -> %s", current or "(empty)", head)
+        command.upgrade(cfg, "head")
+
+
+def clock_skew_seconds(engine: Engine) -> float | None:
+    """This machine's UTC clock minus the database server's, in seconds (None for SQLite,
+    which lives on this machine's clock).
+
+    Workers on several machines write heartbeats with their own clocks and judge each other's
+    leases with theirs, so a clock far off the others' would take jobs from live workers.
+    """
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as conn:
+        before = time.time()
+        server = conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one()
+        after = time.time()
+    return (before + after) / 2 - float(server)
+
+
+def _known_revisions() -> set[str]:
+    script = ScriptDirectory(str(MIGRATIONS))
+    return {rev.revision for rev in script.walk_revisions()}

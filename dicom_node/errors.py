@@ -1,8 +1,10 @@
 """Exception classes of the node, with the DIMSE status and CLI exit code each maps to.
 
 Every error the node raises on purpose derives from :class:`NodeError`; its ``status`` is the
-DIMSE status a C-STORE handler returns for it and its ``exit_code`` the process exit code the
-CLI uses.
+DIMSE status a C-STORE handler returns for it, its ``exit_code`` the process exit code the CLI
+uses, and ``retryable`` says whether the same work may succeed if tried again later (a peer
+that was down, a full disk) or will fail the same way every time (unreadable data, an
+unreliable registration, a broken installation). The worker retries a job only for the former.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class NodeError(Exception):
 
     status: int = STATUS_PROCESSING_FAILURE
     exit_code: int = EXIT_FAILURE
+    retryable: bool = False
 
 
 class ConfigError(NodeError):
@@ -62,6 +65,7 @@ class StorageFullError(NodeError):
 
     status = STATUS_OUT_OF_RESOURCES
     exit_code = EXIT_IO
+    retryable = True
 
 
 class StorageError(NodeError):
@@ -69,6 +73,7 @@ class StorageError(NodeError):
 
     status = STATUS_OUT_OF_RESOURCES
     exit_code = EXIT_IO
+    retryable = True
 
 
 class ConflictingInstanceError(NodeError):
@@ -82,6 +87,7 @@ class NetworkError(NodeError):
     """An association could not be made or a peer failed a request."""
 
     exit_code = EXIT_NETWORK
+    retryable = True
 
 
 class SendError(NetworkError):
@@ -105,6 +111,14 @@ class SendError(NetworkError):
         self.attempts = attempts
 
 
+class QueryRetrieveError(NetworkError):
+    """A C-FIND, C-MOVE or C-GET against the PACS failed (no association, a failure status).
+
+    Retryable: the PACS may be down or busy; a partial retrieval is not an error but a
+    :class:`dicom_node.net.qr.RetrieveResult` that is not complete.
+    """
+
+
 class SeriesError(NodeError):
     """A stored series cannot be read as a volume (gap, tilt, mixed sizes, ...)."""
 
@@ -118,12 +132,35 @@ class DeriveError(NodeError):
 
 
 class PipelineError(NodeError):
-    """The pipeline could not produce derived objects (e.g. an unreliable registration)."""
+    """The pipeline could not produce derived objects from these inputs."""
 
     exit_code = EXIT_DATA
+
+
+class RegistrationUnreliableError(PipelineError):
+    """The registration looks unreliable: nothing is derived or sent without a person's review.
+
+    ``quality`` holds the registration quality figures (JSON-ready) when there were any.
+    """
+
+    def __init__(self, message: str, *, quality: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.quality = quality
+
+
+class ModelError(NodeError):
+    """The fusion model cannot be used (missing or corrupt weights, unusable device)."""
+
+
+class SourceSeriesMissingError(SeriesError):
+    """A job's source series is no longer in the index (deleted by retention, say)."""
 
 
 class UsageError(NodeError):
     """The command line names something that does not exist."""
 
     exit_code = EXIT_USAGE
+
+
+class TlsConfigError(ConfigError):
+    """A certificate, private key or CA file cannot be used for DICOM TLS."""

@@ -1,25 +1,67 @@
-"""SQLAlchemy table classes of the index (the only module that defines tables).
+"""SQLAlchemy table classes of the index and the job table (the only module that defines tables).
 
-Schema version 1: patients, studies, series, instances. Patient names live only here (never
-in INFO logs). Later versions add their tables here and a step in :mod:`dicom_node.db`.
+Received data: patients, studies, series, instances (patient names live only here, never in
+INFO logs). Orchestration: series progress, pairing decisions, jobs, job stages, sends and sent
+instances. Schema changes are Alembic revisions in :mod:`dicom_node.migrations`. Times are
+naive UTC. State columns hold the values of the enums in :mod:`dicom_node.states` and read back
+as those enums.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Dialect,
     Float,
     ForeignKey,
     Integer,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from dicom_node.states import (
+    JobState,
+    PairingOutcome,
+    PrefetchEventKind,
+    PrefetchMethod,
+    PrefetchState,
+    PrefetchTrigger,
+    RetrievalState,
+    SendState,
+    SeriesState,
+)
 
 UID = String(64)
+E = TypeVar("E", bound=StrEnum)
+
+
+class EnumText(TypeDecorator[E], Generic[E]):
+    """A state column: stored as its plain string value, read back as the enum member.
+
+    Plain strings (no database enum type, no CHECK constraint) keep the schema the same on
+    SQLite and PostgreSQL and let a new state be added without a migration.
+    """
+
+    impl = String(16)
+    cache_ok = True
+
+    def __init__(self, enum: type[E]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else str(self.enum(value))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 def utcnow() -> datetime:
@@ -29,16 +71,6 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     """Declarative base of every table."""
-
-
-class SchemaVersion(Base):
-    """One row: the schema version the database has been migrated to."""
-
-    __tablename__ = "schema_version"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version: Mapped[int] = mapped_column(Integer)
-    migrated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Patient(Base):
@@ -99,7 +131,9 @@ class Series(Base):
     first_received_at: Mapped[datetime] = mapped_column(DateTime)
     last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     calling_aet: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[SeriesState] = mapped_column(
+        EnumText(SeriesState), default=SeriesState.RECEIVING, index=True
+    )
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     study: Mapped[Study] = relationship(back_populates="series")
@@ -133,18 +167,6 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
-SCHEMA_V1_TABLES = (SchemaVersion, Patient, Study, Series, Instance)
-
-
-# ---------------------------------------------------------------------------------------------
-# Orchestration tables (issue 5: series completion, pairing, jobs, sends).
-# Owned by the orchestration code (pairing.py, jobs.py, dispatch.py, retention.py); appended
-# here so every table class lives in this one module. Times are naive UTC like the rest.
-# ---------------------------------------------------------------------------------------------
-
-from sqlalchemy import Text  # noqa: E402  (kept with the section it serves)
-
-
 class SeriesProgress(Base):
     """Completion bookkeeping of one received series: quiet period passed, revision, content."""
 
@@ -168,7 +190,7 @@ class PairingDecision(Base):
     ct_revision: Mapped[int] = mapped_column(Integer, default=1)
     mr_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
-    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    outcome: Mapped[PairingOutcome] = mapped_column(EnumText(PairingOutcome), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     decided_at: Mapped[datetime] = mapped_column(DateTime)
     window_closes_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -181,7 +203,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    state: Mapped[JobState] = mapped_column(EnumText(JobState), index=True, default=JobState.QUEUED)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
     ct_series_uid: Mapped[str] = mapped_column(String(64), index=True)
@@ -217,7 +239,7 @@ class JobStage(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
-    stage: Mapped[str] = mapped_column(String(16))
+    stage: Mapped[JobState] = mapped_column(EnumText(JobState))
     started_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -236,7 +258,9 @@ class Send(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     kinds: Mapped[str] = mapped_column(String(64), default="")
-    state: Mapped[str] = mapped_column(String(16), index=True, default="pending")
+    state: Mapped[SendState] = mapped_column(
+        EnumText(SendState), index=True, default=SendState.PENDING
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     total: Mapped[int] = mapped_column(Integer, default=0)
     acked: Mapped[int] = mapped_column(Integer, default=0)
@@ -267,4 +291,84 @@ class SentInstance(Base):
     send: Mapped[Send] = relationship(back_populates="acks")
 
 
-SCHEMA_V2_TABLES = (SeriesProgress, PairingDecision, Job, JobStage, Send, SentInstance)
+class Prefetch(Base):
+    """The prefetch of an MR from the PACS for one CT series revision (one row per run).
+
+    ``reason`` says why it ended as it did (or why the last attempt failed); every query,
+    candidate, choice and retrieval is a :class:`PrefetchEvent`.
+    """
+
+    __tablename__ = "prefetches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ct_series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    ct_revision: Mapped[int] = mapped_column(Integer, default=1)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    trigger: Mapped[PrefetchTrigger] = mapped_column(EnumText(PrefetchTrigger))
+    source: Mapped[str] = mapped_column(String(64), default="")
+    method: Mapped[PrefetchMethod] = mapped_column(EnumText(PrefetchMethod))
+    state: Mapped[PrefetchState] = mapped_column(
+        EnumText(PrefetchState), index=True, default=PrefetchState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    not_before: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    events: Mapped[list[PrefetchEvent]] = relationship(
+        back_populates="prefetch", cascade="all, delete-orphan", order_by="PrefetchEvent.id"
+    )
+    retrievals: Mapped[list[Retrieval]] = relationship(
+        back_populates="prefetch", cascade="all, delete-orphan", order_by="Retrieval.id"
+    )
+
+
+class PrefetchEvent(Base):
+    """One step of a prefetch attempt (query, candidate, choice, retrieval, outcome) and why."""
+
+    __tablename__ = "prefetch_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    prefetch_id: Mapped[int] = mapped_column(
+        ForeignKey("prefetches.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    kind: Mapped[PrefetchEventKind] = mapped_column(EnumText(PrefetchEventKind))
+    series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(DateTime)
+
+    prefetch: Mapped[Prefetch] = relationship(back_populates="events")
+
+
+class Retrieval(Base):
+    """One C-MOVE / C-GET of one series; pairing uses the series only once one is complete.
+
+    ``expected`` is the PACS's instance count (series-level C-FIND, or the retrieve's
+    sub-operation total when larger); the sub-operation counts are the PACS's final answer.
+    """
+
+    __tablename__ = "retrievals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    prefetch_id: Mapped[int] = mapped_column(
+        ForeignKey("prefetches.id", ondelete="CASCADE"), index=True
+    )
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[RetrievalState] = mapped_column(
+        EnumText(RetrievalState), default=RetrievalState.RETRIEVING
+    )
+    expected: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    warning: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    prefetch: Mapped[Prefetch] = relationship(back_populates="retrievals")

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
+from fusion_engine.defaults import DEFAULT_CT_WINDOW
 from fusion_engine.intensity import ct_to_unit, mr_scale
 
 FloatArray = npt.NDArray[np.float32]
@@ -68,44 +69,44 @@ def _checker(shape: tuple[int, int], cell: tuple[float, float]) -> npt.NDArray[n
     return board
 
 
-def write_preview(
-    path: Path,
-    *,
+Rows = list[tuple[str, list[FloatArray]]]
+
+
+def _center_and_mr_range(
+    mask_v: npt.NDArray[Any], mr_v: npt.NDArray[Any]
+) -> tuple[tuple[int, int, int], float, float]:
+    """Centre of the MR's data region (z, y, x) and a robust MR intensity range."""
+    m = mask_v > 0
+    if not m.any():
+        return (mask_v.shape[0] // 2, mask_v.shape[1] // 2, mask_v.shape[2] // 2), 0.0, 1.0
+    bounds = []
+    for axis in range(3):
+        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))
+        bounds.append((int(hit[0]) + int(hit[-1])) // 2)
+    # Robust MR scaling from a strided sample (the same percentiles as the model input).
+    lo, hi = mr_scale(mr_v[::2, ::2, ::2], m[::2, ::2, ::2])
+    return (bounds[0], bounds[1], bounds[2]), lo, hi
+
+
+def preview_rows(
     ct: sitk.Image,
     mr_on_ct: sitk.Image,
     mask: sitk.Image,
     fused: sitk.Image,
-    ct_window: tuple[float, float] = (40.0, 400.0),
-    warnings: Sequence[str] = (),
-    title: str = "MR-CT fusion",
-    dpi: int = 100,
-) -> Path:
-    """Write the 4 x 3 preview grid as a PNG at ``path`` and return the path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    ct_window: tuple[float, float],
+) -> tuple[Rows, list[tuple[float, float]]]:
+    """The labelled rows of planes (CT, registered MR, fused, checkerboard), in [0, 1], and
+    the (row, column) pixel size in mm of the axial, coronal and sagittal planes."""
     ct_v, (sx, sy, sz), ct_keep = _lps_view(ct)
     mr_v, _, mr_keep = _lps_view(mr_on_ct)
     mask_v, _, mask_keep = _lps_view(mask)
     fused_v, _, fused_keep = _lps_view(fused)
-    m = mask_v > 0
-    if m.any():
-        bounds = []
-        for axis in range(3):
-            hit = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))
-            bounds.append((int(hit[0]) + int(hit[-1])) // 2)
-        c3 = (bounds[0], bounds[1], bounds[2])
-        # Robust MR scaling from a strided sample (the same percentiles as the model input).
-        lo, hi = mr_scale(mr_v[::2, ::2, ::2], m[::2, ::2, ::2])
-    else:
-        c3 = (ct_v.shape[0] // 2, ct_v.shape[1] // 2, ct_v.shape[2] // 2)
-        lo, hi = 0.0, 1.0
-    del m
+    c3, lo, hi = _center_and_mr_range(mask_v, mr_v)
 
     def mr_unit(plane: npt.NDArray[Any]) -> FloatArray:
         return np.clip((plane - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
-    rows: list[tuple[str, list[FloatArray]]] = [
+    rows: Rows = [
         ("CT", [ct_to_unit(p, ct_window) for p in _planes(ct_v, c3)]),
         ("registered MR", [mr_unit(p) for p in _planes(mr_v, c3)]),
         ("fused", [np.array(p, dtype=np.float32, copy=True) for p in _planes(fused_v, c3)]),
@@ -118,7 +119,26 @@ def write_preview(
         board = _checker(a.shape, (CHECKER_MM / pr, CHECKER_MM / pc))
         checks.append(np.where(board, a, b).astype(np.float32))
     rows.append(("checkerboard CT/MR", checks))
+    return rows, pixel_mm
 
+
+def write_preview(
+    path: Path,
+    *,
+    ct: sitk.Image,
+    mr_on_ct: sitk.Image,
+    mask: sitk.Image,
+    fused: sitk.Image,
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW,
+    warnings: Sequence[str] = (),
+    title: str = "MR-CT fusion",
+    dpi: int = 100,
+) -> Path:
+    """Write the 4 x 3 preview grid as a PNG at ``path`` and return the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, pixel_mm = preview_rows(ct, mr_on_ct, mask, fused, ct_window)
     fig = Figure(figsize=(12, 15.5), facecolor="black")
     FigureCanvasAgg(fig)
     top = 0.955
@@ -127,18 +147,8 @@ def write_preview(
         fig.text(0.5, 0.97, wrapped, color="red", ha="center", va="top", fontsize=9)
         top = 0.95 - 0.0105 * (wrapped.count("\n") + 1)
     fig.suptitle(title, color="white", fontsize=11, y=0.993)
-    axes = fig.subplots(
-        4,
-        3,
-        gridspec_kw={
-            "left": 0.06,
-            "right": 0.99,
-            "bottom": 0.01,
-            "top": top,
-            "wspace": 0.02,
-            "hspace": 0.06,
-        },
-    )
+    spacing = {"left": 0.06, "right": 0.99, "bottom": 0.01, "top": top}
+    axes = fig.subplots(4, 3, gridspec_kw={**spacing, "wspace": 0.02, "hspace": 0.06})
     for r, (label, planes) in enumerate(rows):
         for c, (plane, (pr, pc)) in enumerate(zip(planes, pixel_mm, strict=True)):
             ax = axes[r][c]

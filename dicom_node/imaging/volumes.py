@@ -362,53 +362,28 @@ def _fill_lattice(slices: list[_Slice], indices: list[int]) -> npt.NDArray[np.fl
 
 
 def read_series(
-    paths: Sequence[Path], *, tolerance_mm: float = 0.1, max_gap_mm: float = 0.0
+    paths: Sequence[Path], *, max_gap_mm: float, tolerance_mm: float = 0.1
 ) -> SeriesVolume:
     """Read the files of one series into a :class:`SeriesVolume` (float32, LPS, rescaled).
 
     Raises :class:`SeriesError` naming the series and the cause when the files are not one
-    regular volume. With the default ``max_gap_mm=0`` any missing slice is an error; with
-    ``max_gap_mm > 0`` slice positions may skip lattice steps (gaps up to ``max_gap_mm``):
-    the image then holds the whole lattice with the missing slices linearly interpolated
-    (``SeriesVolume.slice_indices`` says where the real slices are, ``interpolated_slices``
-    how many were filled in).
+    regular volume. With ``max_gap_mm=0`` any missing slice is an error; with
+    ``max_gap_mm > 0`` (the configured ``volumes.max_gap_mm``) slice positions may skip lattice
+    steps (gaps up to ``max_gap_mm``): the image then holds the whole lattice with the missing
+    slices linearly interpolated (``SeriesVolume.slice_indices`` says where the real slices
+    are, ``interpolated_slices`` how many were filled in).
     """
-    if not paths:
-        raise SeriesError("no files given for the series")
-    datasets: list[Dataset] = []
-    for path in sorted(paths):
-        try:
-            datasets.append(pydicom.dcmread(path))
-        except (InvalidDicomError, OSError) as exc:
-            raise SeriesError(f"cannot read {path}: {exc}") from exc
+    datasets = _read_files(paths)
     name = _series_name(datasets[0])
-    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
-    if len(series_uids) > 1:
-        raise SeriesError(f"{name}: files of {len(series_uids)} different series given")
-    if "PixelData" not in datasets[0] and "FloatPixelData" not in datasets[0]:
-        raise SeriesError(f"{name}: instances have no pixel data (not an image series)")
-
-    multi = [
-        ds
-        for ds in datasets
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
-    ]
-    if multi:
-        if len(datasets) != 1:
-            raise SeriesError(
-                f"{name}: {len(datasets)} multi-frame instances in one series; "
-                "expected one Enhanced CT/MR instance"
-            )
-        slices, iop, ps, size = _multi_frame_slices(datasets[0], name)
-    else:
-        slices, iop, ps, size = _single_frame_slices(datasets, name)
-    if len(slices) < 2:
-        raise SeriesError(f"{name}: single-slice series (a volume needs at least 2 slices)")
+    slices, iop, ps, size = _slices(datasets, name)
     ref = slices[0].dataset
     if float(ref.get("GantryDetectorTilt", 0.0) or 0.0) != 0.0:
         raise SeriesError(
             f"{name}: gantry tilt of {float(ref.GantryDetectorTilt):.1f} degrees; not supported"
         )
+    for_uid = str(ref.get("FrameOfReferenceUID", "") or "")
+    if not for_uid:
+        raise SeriesError(f"{name}: no FrameOfReferenceUID")
     row, col, normal = _unit_vectors(iop, name)
     ordered, spacing, indices = _order_and_check(slices, normal, tolerance_mm, max_gap_mm, name)
     volume = _fill_lattice(ordered, indices)
@@ -429,9 +404,6 @@ def read_series(
         ps[0],
         spacing,
     )
-    for_uid = str(ref.get("FrameOfReferenceUID", "") or "")
-    if not for_uid:
-        raise SeriesError(f"{name}: no FrameOfReferenceUID")
     return SeriesVolume(
         image=image,
         datasets=[s.dataset for s in ordered],
@@ -444,6 +416,48 @@ def read_series(
         slice_indices=indices,
         interpolated_slices=int(volume.shape[0] - len(ordered)),
     )
+
+
+def _read_files(paths: Sequence[Path]) -> list[Dataset]:
+    """The datasets of one series' files (at least one; all of one series; with pixels)."""
+    if not paths:
+        raise SeriesError("no files given for the series")
+    datasets: list[Dataset] = []
+    for path in sorted(paths):
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except (InvalidDicomError, OSError) as exc:
+            raise SeriesError(f"cannot read {path}: {exc}") from exc
+    name = _series_name(datasets[0])
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series_uids) > 1:
+        raise SeriesError(f"{name}: files of {len(series_uids)} different series given")
+    if "PixelData" not in datasets[0] and "FloatPixelData" not in datasets[0]:
+        raise SeriesError(f"{name}: instances have no pixel data (not an image series)")
+    return datasets
+
+
+def _slices(
+    datasets: list[Dataset], name: str
+) -> tuple[list[_Slice], npt.NDArray[np.float64], tuple[float, float], tuple[int, int]]:
+    """The slices of single-frame instances or of one Enhanced multi-frame instance."""
+    multi = [
+        ds
+        for ds in datasets
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
+    ]
+    if multi:
+        if len(datasets) != 1:
+            raise SeriesError(
+                f"{name}: {len(datasets)} multi-frame instances in one series; "
+                "expected one Enhanced CT/MR instance"
+            )
+        slices, iop, ps, size = _multi_frame_slices(datasets[0], name)
+    else:
+        slices, iop, ps, size = _single_frame_slices(datasets, name)
+    if len(slices) < 2:
+        raise SeriesError(f"{name}: single-slice series (a volume needs at least 2 slices)")
+    return slices, iop, ps, size
 
 
 def series_files(directory: Path) -> dict[str, list[Path]]:
@@ -467,7 +481,7 @@ def series_files(directory: Path) -> dict[str, list[Path]]:
 
 
 def read_series_dir(
-    directory: Path, *, tolerance_mm: float = 0.1, max_gap_mm: float = 0.0
+    directory: Path, *, max_gap_mm: float, tolerance_mm: float = 0.1
 ) -> SeriesVolume:
     """Read the one image series stored under ``directory``; error if there are none or many."""
     if not directory.is_dir():

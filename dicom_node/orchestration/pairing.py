@@ -1,18 +1,14 @@
-"""Series completion and CT-MR pairing, with every decision and its reason recorded.
+"""CT-MR pairing, with every decision and its reason recorded.
 
-Completion: a series is complete once no instance arrived for ``pairing.series_quiet_seconds``
-(``pairing.per_aet_quiet_seconds[calling AE]`` overrides it). Each completion that changed the
-series' content (a fingerprint over its SOPInstanceUIDs and their digests) raises the series'
-revision; an identical re-send changes nothing.
-
-Pairing: for a complete axial CT (at least ``pairing.min_slices`` images, no localizer or
-scout, not a derived series), choose among the complete MR series of the same PatientID and
-IssuerOfPatientID (both must be equal; a missing issuer equals only a missing issuer) acquired
-within ``pairing.max_days_between`` days the one with the highest rule weight
-(``pairing.mr_rules``: SeriesDescription regexes), then the closest in time, then the one with
-more images. Without a usable MR the CT waits ("waiting") until ``max_days_between`` days after
-it was completed; then the decision becomes "expired". A new or changed MR re-runs the pairing
-of its patient's waiting CTs and of the CTs paired with it.
+Completed series (:mod:`.completion`) are paired: for a complete axial CT (at least
+``pairing.min_slices`` images, no localizer or scout, not a derived series), choose among the
+complete MR series of the same PatientID and IssuerOfPatientID (both must be equal; a missing
+issuer equals only a missing issuer) acquired within ``pairing.max_days_between`` days the one
+with the highest rule weight (``pairing.mr_rules``: SeriesDescription regexes), then the closest
+in time, then the one with more images. An MR whose retrieval from the PACS is incomplete is
+held (:mod:`.retrieval_hold`). Without a usable MR the CT waits ("waiting") until
+``max_days_between`` days after it was completed; then the decision becomes "expired". A new or
+changed MR re-runs the pairing of its patient's waiting CTs and of the CTs paired with it.
 
 The rules are plain functions over :class:`SeriesInfo` (tests call them directly); the scan and
 the database bookkeeping are in :func:`scan`.
@@ -20,7 +16,6 @@ the database bookkeeping are in :func:`scan`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -28,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
@@ -42,14 +37,12 @@ from dicom_node.models import (
     Study,
     utcnow,
 )
+from dicom_node.orchestration.completion import ScanResult, complete_quiet_series
 from dicom_node.orchestration.jobs import create_job
+from dicom_node.orchestration.retrieval_hold import held_series
+from dicom_node.states import PairingOutcome
 
 log = logging.getLogger(__name__)
-
-PAIRED = "paired"
-WAITING = "waiting"
-EXPIRED = "expired"
-IGNORED = "ignored"
 
 MIN_MR_SLICES = 3
 AXIAL_MIN_COSINE = 0.9  # |normal . z| for a CT to count as axial (about 25 degrees of tilt)
@@ -315,84 +308,6 @@ def _complete_series_of_patient(
     return [_info(r[0], r[1], r[2], int(r[3] or 0), int(r[4] or 0)) for r in rows]
 
 
-def fingerprint(session: Session, series_pk: int) -> tuple[str, int]:
-    """Digest over the series' (SOPInstanceUID, content digest) pairs, and the instance count."""
-    rows = session.execute(
-        select(Instance.sop_instance_uid, Instance.sha256)
-        .where(Instance.series_pk == series_pk)
-        .order_by(Instance.sop_instance_uid)
-    ).all()
-    h = hashlib.sha256()
-    for uid, digest in rows:
-        h.update(f"{uid}={digest}\n".encode())
-    return h.hexdigest(), len(rows)
-
-
-def quiet_seconds(config: NodeConfig, calling_aet: str | None) -> float:
-    """The quiet period for series sent by ``calling_aet``."""
-    per = config.pairing.per_aet_quiet_seconds
-    if calling_aet and calling_aet in per:
-        return float(per[calling_aet])
-    return float(config.pairing.series_quiet_seconds)
-
-
-@dataclass
-class ScanResult:
-    """What one scan did (for logs and tests)."""
-
-    completed: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    jobs: list[int] = field(default_factory=list)
-    waiting: list[str] = field(default_factory=list)
-    expired: list[str] = field(default_factory=list)
-
-
-def complete_quiet_series(session: Session, config: NodeConfig, now: datetime) -> ScanResult:
-    """Mark series that have been quiet long enough complete; raise revisions on changes."""
-    result = ScanResult()
-    rows = session.execute(
-        select(Series, SeriesProgress)
-        .outerjoin(SeriesProgress, SeriesProgress.series_uid == Series.series_instance_uid)
-        .where(
-            or_(
-                SeriesProgress.series_uid.is_(None),
-                SeriesProgress.last_received_at.is_(None),
-                SeriesProgress.last_received_at != Series.last_received_at,
-            )
-        )
-    ).all()
-    for series, progress in rows:
-        quiet = quiet_seconds(config, series.calling_aet)
-        if series.last_received_at > now - timedelta(seconds=quiet):
-            continue
-        digest, count = fingerprint(session, series.id)
-        if progress is None:
-            progress = SeriesProgress(series_uid=series.series_instance_uid, revision=0)
-            session.add(progress)
-        progress.last_received_at = series.last_received_at
-        if progress.revision >= 1 and progress.fingerprint == digest:
-            result.unchanged.append(series.series_instance_uid)
-            series.state = "complete"
-            continue
-        progress.revision = int(progress.revision or 0) + 1
-        progress.fingerprint = digest
-        progress.instance_count = count
-        progress.completed_at = now
-        series.state = "complete"
-        series.completed_at = now
-        result.completed.append(series.series_instance_uid)
-        log.info(
-            "series %s complete (%s, %d instances, revision %d, quiet %.1fs)",
-            series.series_instance_uid,
-            series.modality,
-            count,
-            progress.revision,
-            quiet,
-        )
-    session.flush()
-    return result
-
-
 def _latest_decision(session: Session, ct_uid: str) -> PairingDecision | None:
     return session.scalars(
         select(PairingDecision)
@@ -406,6 +321,14 @@ def _rules(config: NodeConfig) -> list[tuple[str, float]]:
     return [(r.series_description_regex, float(r.weight)) for r in config.pairing.mr_rules]
 
 
+def _mr_candidates(session: Session, ct: SeriesInfo) -> tuple[list[SeriesInfo], dict[str, str]]:
+    """The CT patient's complete MR series, less those held because their retrieval from the
+    PACS is incomplete (returned apart, with the reason): a partial MR is never paired."""
+    candidates = _complete_series_of_patient(session, ct.patient_id, ct.issuer, "MR")
+    held = held_series(session, (c.series_uid for c in candidates))
+    return [c for c in candidates if c.series_uid not in held], held
+
+
 def pair_ct(session: Session, config: NodeConfig, ct: SeriesInfo, now: datetime) -> PairingDecision:
     """Decide the pairing of one complete CT revision; creates the job when an MR is chosen.
 
@@ -415,25 +338,43 @@ def pair_ct(session: Session, config: NodeConfig, ct: SeriesInfo, now: datetime)
     latest = _latest_decision(session, ct.series_uid)
     why_not = ct_eligibility(ct, config.pairing.min_slices)
     if why_not is not None:
-        if latest is not None and latest.outcome == IGNORED and latest.ct_revision == ct.revision:
+        if (
+            latest is not None
+            and latest.outcome == PairingOutcome.IGNORED
+            and latest.ct_revision == ct.revision
+        ):
             return latest
-        return _record(session, ct, None, IGNORED, f"CT not paired: {why_not}", now, None)
-    candidates = _complete_series_of_patient(session, ct.patient_id, ct.issuer, "MR")
+        return _record(
+            session, ct, None, PairingOutcome.IGNORED, f"CT not paired: {why_not}", now, None
+        )
+    candidates, held = _mr_candidates(session, ct)
     choice = choose_mr(
         ct, candidates, max_days=float(config.pairing.max_days_between), rules=_rules(config)
     )
+    if choice.mr is None and held:
+        choice.reason += "; held until retrieved complete: " + "; ".join(
+            f"{uid}: {why}" for uid, why in held.items()
+        )
     if choice.mr is None:
         closes = (ct.completed_at or now) + timedelta(days=config.pairing.max_days_between)
         if closes <= now:
-            return _record(session, ct, None, EXPIRED, f"window closed: {choice.reason}", now, None)
+            return _record(
+                session,
+                ct,
+                None,
+                PairingOutcome.EXPIRED,
+                f"window closed: {choice.reason}",
+                now,
+                None,
+            )
         if (
             latest is not None
-            and latest.outcome == WAITING
+            and latest.outcome == PairingOutcome.WAITING
             and latest.ct_revision == ct.revision
             and latest.reason == choice.reason
         ):
             return latest
-        return _record(session, ct, None, WAITING, choice.reason, now, closes)
+        return _record(session, ct, None, PairingOutcome.WAITING, choice.reason, now, closes)
     mr = choice.mr
     existing = session.scalars(
         select(Job).where(
@@ -446,7 +387,9 @@ def pair_ct(session: Session, config: NodeConfig, ct: SeriesInfo, now: datetime)
     if existing is not None:
         if latest is not None and latest.job_id == existing.id:
             return latest
-        return _record(session, ct, mr, PAIRED, choice.reason, now, None, existing.id)
+        return _record(
+            session, ct, mr, PairingOutcome.PAIRED, choice.reason, now, None, existing.id
+        )
     job = create_job(
         session,
         patient_id=ct.patient_id,
@@ -459,14 +402,14 @@ def pair_ct(session: Session, config: NodeConfig, ct: SeriesInfo, now: datetime)
     )
     log.info("job %d queued: CT %s + MR %s", job.id, ct.series_uid, mr.series_uid)
     log.debug("job %d patient %s", job.id, ct.patient_id)
-    return _record(session, ct, mr, PAIRED, choice.reason, now, None, job.id)
+    return _record(session, ct, mr, PairingOutcome.PAIRED, choice.reason, now, None, job.id)
 
 
 def _record(
     session: Session,
     ct: SeriesInfo,
     mr: SeriesInfo | None,
-    outcome: str,
+    outcome: PairingOutcome,
     reason: str,
     now: datetime,
     closes: datetime | None,
@@ -497,8 +440,8 @@ def _cts_to_revisit(session: Session, mr: SeriesInfo) -> list[str]:
         latest = _latest_decision(session, ct.series_uid)
         if latest is None:
             continue
-        if latest.outcome == WAITING or (
-            latest.outcome == PAIRED and latest.mr_series_uid == mr.series_uid
+        if latest.outcome == PairingOutcome.WAITING or (
+            latest.outcome == PairingOutcome.PAIRED and latest.mr_series_uid == mr.series_uid
         ):
             out.append(ct.series_uid)
     return out
@@ -525,10 +468,10 @@ def scan(
             if info is None:
                 continue
             decision = pair_ct(session, config, info, now)
-            if decision.outcome == PAIRED and decision.job_id is not None:
+            if decision.outcome == PairingOutcome.PAIRED and decision.job_id is not None:
                 if decision.job_id not in result.jobs:
                     result.jobs.append(decision.job_id)
-            elif decision.outcome == WAITING:
+            elif decision.outcome == PairingOutcome.WAITING:
                 result.waiting.append(uid)
         result.expired = expire_waiting(session, now)
         session.commit()
@@ -540,7 +483,7 @@ def expire_waiting(session: Session, now: datetime) -> list[str]:
     expired: list[str] = []
     waiting = session.scalars(
         select(PairingDecision).where(
-            PairingDecision.outcome == WAITING,
+            PairingDecision.outcome == PairingOutcome.WAITING,
             PairingDecision.window_closes_at.is_not(None),
             PairingDecision.window_closes_at <= now,
         )
@@ -555,7 +498,7 @@ def expire_waiting(session: Session, now: datetime) -> list[str]:
                 ct_revision=d.ct_revision,
                 mr_series_uid=None,
                 patient_id=d.patient_id,
-                outcome=EXPIRED,
+                outcome=PairingOutcome.EXPIRED,
                 reason=f"window closed without a usable MR ({d.reason})",
                 decided_at=now,
             )
@@ -568,7 +511,7 @@ def waiting_cts(session: Session) -> list[PairingDecision]:
     """Latest decisions that are still "waiting" (for ``dicom-node jobs``)."""
     decisions = session.scalars(
         select(PairingDecision)
-        .where(PairingDecision.outcome == WAITING)
+        .where(PairingDecision.outcome == PairingOutcome.WAITING)
         .order_by(PairingDecision.id)
     ).all()
     out = []
@@ -577,3 +520,21 @@ def waiting_cts(session: Session) -> list[PairingDecision]:
         if latest is not None and latest.id == d.id:
             out.append(d)
     return out
+
+
+def latest_decision(session: Session, ct_uid: str) -> PairingDecision | None:
+    """The newest pairing decision of a CT series (None before its first): prefetch asks
+    whether the CT still waits before it queries the PACS."""
+    return _latest_decision(session, ct_uid)
+
+
+def mr_rules(config: NodeConfig) -> list[tuple[str, float]]:
+    """``pairing.mr_rules`` as the (regex, weight) pairs :func:`choose_mr` takes."""
+    return _rules(config)
+
+
+def complete_series_of_patient(
+    session: Session, patient_id: str, issuer: str, modality: str
+) -> list[SeriesInfo]:
+    """The complete series of one modality of a patient (PatientID within issuer)."""
+    return _complete_series_of_patient(session, patient_id, issuer, modality)

@@ -29,8 +29,8 @@ from dicom_node.models import (
     Study,
     utcnow,
 )
-from dicom_node.orchestration.dispatch import job_dir
-from dicom_node.orchestration.jobs import DONE
+from dicom_node.states import JobState
+from dicom_node.storage.derived import job_dir
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def clean(sessions: sessionmaker[Session], config: NodeConfig) -> CleanResult:
     with sessions() as session:
         old = session.scalars(
             select(Job).where(
-                Job.state == DONE,
+                Job.state == JobState.DONE,
                 Job.finished_at.is_not(None),
                 Job.finished_at < cutoff,
                 Job.cleaned_at.is_(None),

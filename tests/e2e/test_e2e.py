@@ -17,25 +17,24 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_node.config import read_config_file
-from dicom_node.db import make_engine, session_factory
-from dicom_node.models import Job, Send
-from tests.e2e.conftest import (
-    CT_DIR,
-    MR_DIR,
-    NodeProcess,
-    base_config,
-    copy_series,
-    require_small_fixtures,
-    storescu,
-    write_config,
-)
-from tests.orthanc import Orthanc
+from dicom_node.models import Series, SeriesProgress
+from dicom_node.states import JobState, SendState
 from tests.peers import wait_until
+from tests.peers.dcmtk_tools import storescu_folder
+from tests.peers.node import (
+    FAST_ORCHESTRATION,
+    JOB_TIMEOUT,
+    NODE_AET,
+    IndexView,
+    NodeProcess,
+    node_config,
+    start_node,
+)
+from tests.peers.orthanc import Orthanc
+from tests.support.data import SMALL_CT, SMALL_MR, copy_series, require_small_fixtures
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow, pytest.mark.timeout(300)]
 
-JOB_TIMEOUT = 240.0
 REG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.1"
 
 
@@ -46,73 +45,57 @@ def _dest(o: Orthanc, send: list[str] | None = None) -> dict[str, Any]:
     return d
 
 
-class Node:
-    """A started node and handy views of its database."""
+def storescu(port: int, folder: Path, *, calling_aet: str) -> None:
+    """Send a folder to the node with DCMTK storescu (raises when it fails)."""
+    storescu_folder(port, folder, calling=calling_aet, called=NODE_AET)
 
-    def __init__(self, proc: NodeProcess, config_path: Path) -> None:
-        self.proc = proc
-        self.config = read_config_file(config_path)
-        self.engine = make_engine(self.config.database_url)
-        self.sessions = session_factory(self.engine)
+
+class Node(IndexView):
+    """A started ``dicom-node serve`` and views of its index."""
 
     @property
     def port(self) -> int:
-        return self.config.node.port
+        """The node's DICOM port."""
+        return self.node.port
 
-    def jobs(self) -> list[Job]:
-        with self.sessions() as s:
-            found = list(s.scalars(select(Job).order_by(Job.id)).all())
-            for j in found:
-                _ = (j.sends, j.stages)  # load while the session is open
-            return found
-
-    def sends(self) -> list[Send]:
-        with self.sessions() as s:
-            return list(s.scalars(select(Send).order_by(Send.id)).all())
-
-    def wait_jobs(
-        self, n: int, states: tuple[str, ...] = ("done",), timeout: float = JOB_TIMEOUT
-    ) -> list[Job]:
-        def ready() -> list[Job] | None:
-            if self.proc.proc.poll() is not None:
-                raise RuntimeError(f"node exited:\n{self.proc.log_tail()}")
-            found = self.jobs()
-            if any(j.state == "failed" for j in found) and "failed" not in states:
-                raise AssertionError(
-                    f"job failed: {[(j.id, j.error) for j in found]}\n{self.proc.log_tail()}"
-                )
-            return found if len(found) >= n and all(j.state in states for j in found) else None
-
-        try:
-            return wait_until(ready, timeout=timeout, interval=0.3, what=f"{n} job(s) {states}")
-        except TimeoutError as exc:
-            raise TimeoutError(
-                f"{exc}\njobs: {[(j.id, j.state, j.error) for j in self.jobs()]}"
-                f"\n{self.proc.log_tail()}"
-            ) from None
-
-    def close(self) -> None:
-        self.engine.dispose()
+    @property
+    def proc(self) -> NodeProcess:
+        """The serve process."""
+        return self.node
 
 
 @pytest.fixture
-def start_serve(
-    tmp_path: Path, node_factory: Callable[..., NodeProcess]
-) -> Iterator[Callable[..., Node]]:
-    """Start ``dicom-node serve`` with the test config plus ``sections``."""
+def start_serve(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start ``dicom-node serve`` with the fast test config plus ``sections``."""
     nodes: list[Node] = []
 
     def start(**sections: Any) -> Node:
-        cfg = base_config(tmp_path, **sections)
-        path = write_config(tmp_path / "node.yaml", cfg)
-        proc = node_factory(["serve"], path, tmp_path / "serve.log", port=cfg["node"]["port"])
-        node = Node(proc, path)
+        cfg = node_config(tmp_path, **{**FAST_ORCHESTRATION, **sections})
+        node = Node(start_node(tmp_path, cfg))
         nodes.append(node)
         return node
 
     yield start
     for node in nodes:
         node.close()
+        if node.proc.proc.poll() is None:
+            node.proc.kill()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[[NodeProcess], NodeProcess]]:
+    """Start a ``dicom-node worker`` on a serve's config; killed at teardown."""
+    workers: list[NodeProcess] = []
+
+    def start(serve: NodeProcess) -> NodeProcess:
+        worker = start_node(tmp_path, serve.config, command="worker", wait_for_port=False)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.kill()
 
 
 def _series_by_uid(o: Orthanc) -> dict[str, list[pydicom.Dataset]]:
@@ -201,16 +184,16 @@ def test_two_patients_interleaved_paired_fused_and_sent(
         destinations={"pacs": _dest(pacs), "tps": _dest(tps, ["fused", "reg"])},
         routing={"send_to": ["pacs", "tps"]},
     )
-    b_ct = copy_series(CT_DIR, tmp_path / "b_ct", salt="patient-b", patient_id="E2E-B")
-    b_mr = copy_series(MR_DIR, tmp_path / "b_mr", salt="patient-b", patient_id="E2E-B")
-    storescu(node.port, CT_DIR, calling_aet="CTSIM")
+    b_ct = copy_series(SMALL_CT, tmp_path / "b_ct", salt="patient-b", patient_id="E2E-B")
+    b_mr = copy_series(SMALL_MR, tmp_path / "b_mr", salt="patient-b", patient_id="E2E-B")
+    storescu(node.port, SMALL_CT, calling_aet="CTSIM")
     storescu(node.port, b_ct, calling_aet="CTSIM")  # patient B arrives in the middle
-    storescu(node.port, MR_DIR, calling_aet="MRSCANNER")
+    storescu(node.port, SMALL_MR, calling_aet="MRSCANNER")
     storescu(node.port, b_mr, calling_aet="MRSCANNER")
 
     jobs = node.wait_jobs(2)
     assert len(jobs) == 2
-    a_ct, a_mr = _headers(CT_DIR), _headers(MR_DIR)
+    a_ct, a_mr = _headers(SMALL_CT), _headers(SMALL_MR)
     bct, bmr = _headers(b_ct), _headers(b_mr)
     pairs = {(j.ct_series_uid, j.mr_series_uid) for j in jobs}
     assert pairs == {
@@ -219,7 +202,10 @@ def test_two_patients_interleaved_paired_fused_and_sent(
     }
     for j in jobs:
         assert "days before the CT" in j.pairing_reason
-        assert {s.destination: s.state for s in j.sends} == {"pacs": "done", "tps": "done"}
+        assert {s.destination: s.state for s in j.sends} == {
+            "pacs": SendState.DONE,
+            "tps": SendState.DONE,
+        }
 
     series = _series_by_uid(pacs)
     assert len(series) == 6
@@ -230,7 +216,7 @@ def test_two_patients_interleaved_paired_fused_and_sent(
     assert sum(len(v) for v in tps_series.values()) == 2 * (len(a_ct) + 1)
     # identical re-send of a CT changes nothing (no new job)
     n_ct = len(a_ct)
-    storescu(node.port, CT_DIR, calling_aet="CTSIM")
+    storescu(node.port, SMALL_CT, calling_aet="CTSIM")
     wait_until(
         lambda: f"({n_ct} duplicates)" in node.proc.log_tail(10**7),
         timeout=30,
@@ -240,8 +226,6 @@ def test_two_patients_interleaved_paired_fused_and_sent(
 
 
 def _scan_settled(node: Node) -> bool:
-    from dicom_node.models import Series, SeriesProgress
-
     with node.sessions() as s:
         rows = s.execute(
             select(Series.last_received_at, SeriesProgress.last_received_at).join(
@@ -255,7 +239,7 @@ def test_worker_killed_mid_job_is_taken_up_again(
     tmp_path: Path,
     orthanc_factory: Callable[..., Orthanc],
     start_serve: Callable[..., Node],
-    node_factory: Callable[..., NodeProcess],
+    start_worker: Callable[[NodeProcess], NodeProcess],
 ) -> None:
     """Serve (with its embedded worker) plus one ``dicom-node worker``; SIGKILL whichever
     worker fuses: the stale lease is recovered, the job finishes on attempt 2, and Orthanc
@@ -267,11 +251,11 @@ def test_worker_killed_mid_job_is_taken_up_again(
         routing={"send_to": ["pacs"]},
         jobs={"lease_seconds": 3.0, "heartbeat_seconds": 0.5},
     )
-    extra = node_factory(["worker"], tmp_path / "node.yaml", tmp_path / "worker.log")
+    extra = start_worker(node.proc)
     wait_until(lambda: "started (device" in extra.log_tail(), timeout=60, what="extra worker")
-    storescu(node.port, CT_DIR, calling_aet="CTSIM")
-    storescu(node.port, MR_DIR, calling_aet="MRSCANNER")
-    (running,) = node.wait_jobs(1, states=("fusing",))
+    storescu(node.port, SMALL_CT, calling_aet="CTSIM")
+    storescu(node.port, SMALL_MR, calling_aet="MRSCANNER")
+    (running,) = node.wait_jobs(1, states=(JobState.FUSING,))
     assert running.worker_id is not None
     pid = int(running.worker_id.split(":")[1])
     os.kill(pid, signal.SIGKILL)
@@ -285,7 +269,7 @@ def test_worker_killed_mid_job_is_taken_up_again(
     series = _series_by_uid(pacs)
     assert len(series) == 3
     counts = sorted(len(v) for v in series.values())
-    n_ct = len(list(CT_DIR.glob("*.dcm")))
+    n_ct = len(list(SMALL_CT.glob("*.dcm")))
     assert counts == [1, n_ct, n_ct]
     assert pacs.statistics()["CountInstances"] == 1 + 2 * n_ct
 
@@ -303,19 +287,19 @@ def test_destination_down_job_waits_then_completes(
         routing={"send_to": ["pacs"]},
         jobs={"retry_backoff_seconds": 0.5, "max_backoff_seconds": 2.0, "send_max_attempts": 100},
     )
-    storescu(node.port, CT_DIR, calling_aet="CTSIM")
-    storescu(node.port, MR_DIR, calling_aet="MRSCANNER")
+    storescu(node.port, SMALL_CT, calling_aet="CTSIM")
+    storescu(node.port, SMALL_MR, calling_aet="MRSCANNER")
 
     def retrying() -> bool:
         sends = node.sends()
-        return bool(sends) and sends[0].state == "retry" and sends[0].attempts >= 2
+        return bool(sends) and sends[0].state == SendState.RETRY and sends[0].attempts >= 2
 
     wait_until(retrying, timeout=JOB_TIMEOUT, interval=0.3, what="send in retry")
     (job,) = node.jobs()
-    assert job.state == "sending" and job.worker_id is None
+    assert job.state == JobState.SENDING and job.worker_id is None
     pacs.start()
     (job,) = node.wait_jobs(1)
     (send,) = job.sends
-    assert send.state == "done" and send.attempts >= 3 and send.acked == send.total
-    n_ct = len(list(CT_DIR.glob("*.dcm")))
+    assert send.state == SendState.DONE and send.attempts >= 3 and send.acked == send.total
+    n_ct = len(list(SMALL_CT.glob("*.dcm")))
     assert pacs.statistics()["CountInstances"] == 1 + 2 * n_ct
