@@ -49,6 +49,11 @@ def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> Tens
 
 def ssim_torch(x: Tensor, y: Tensor, window: Tensor | None = None) -> Tensor:
     """Mean SSIM (Wang et al. 2004; Gaussian 11x11, sigma 1.5, data range 1) of (N,1,H,W)."""
+    return ssim_map(x, y, window).mean()
+
+
+def ssim_map(x: Tensor, y: Tensor, window: Tensor | None = None) -> Tensor:
+    """Per-pixel SSIM of (N,1,H,W) images over the valid region, (N,1,H-10,W-10)."""
     w = _gaussian_window().to(x) if window is None else window
     c1, c2 = 0.01**2, 0.03**2
     mx = F.conv2d(x, w)
@@ -58,7 +63,7 @@ def ssim_torch(x: Tensor, y: Tensor, window: Tensor | None = None) -> Tensor:
     sxy = F.conv2d(x * y, w) - mx * my
     num = (2 * mx * my + c1) * (2 * sxy + c2)
     den = (mx * mx + my * my + c1) * (sxx + syy + c2)
-    return (num / den).mean()
+    return num / den
 
 
 def recon_loss(out: Tensor, target: Tensor) -> Tensor:
@@ -84,14 +89,27 @@ def stronger_gradient(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(pick_a, ax, bx), torch.where(pick_a, ay, by)
 
 
-def saliency_target(a: Tensor, b: Tensor, gamma: float) -> Tensor:
-    """``w a + (1 - w) b`` with ``w = s_a^gamma / (s_a^gamma + s_b^gamma)``, s = local mean."""
+def saliency_weight(a: Tensor, b: Tensor, gamma: float) -> Tensor:
+    """``w = s_a^gamma / (s_a^gamma + s_b^gamma)``, s = the 5 x 5 local mean of each source."""
     pad = SALIENCY_WINDOW // 2
     sa = F.avg_pool2d(F.pad(a, (pad,) * 4, mode="replicate"), SALIENCY_WINDOW, 1)
     sb = F.avg_pool2d(F.pad(b, (pad,) * 4, mode="replicate"), SALIENCY_WINDOW, 1)
     pa, pb = sa.clamp_min(0) ** gamma, sb.clamp_min(0) ** gamma
-    w = pa / (pa + pb + 1e-6)
+    return pa / (pa + pb + 1e-6)
+
+
+def saliency_target(a: Tensor, b: Tensor, gamma: float) -> Tensor:
+    """``w a + (1 - w) b`` with the saliency weight ``w`` of :func:`saliency_weight`."""
+    w = saliency_weight(a, b, gamma)
     return w * a + (1.0 - w) * b
+
+
+def weighted_ssim(a: Tensor, b: Tensor, f: Tensor, w: Tensor) -> Tensor:
+    """Mean of ``w SSIM(f, a) + (1 - w) SSIM(f, b)`` per pixel (``w`` cropped to the valid
+    region of the 11 x 11 window)."""
+    m = SSIM_WINDOW // 2
+    wv = w[..., m:-m, m:-m]
+    return (wv * ssim_map(f, a) + (1.0 - wv) * ssim_map(f, b)).mean()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,9 @@ class Report:
         b = np.asarray(self.scores[other][metric])
         if a.size < 2 or np.allclose(a, b):
             return float("nan") if a.size < 2 else 1.0
-        return float(stats.ttest_rel(a, b).pvalue)
+        with warnings.catch_warnings():  # near-identical columns: scipy warns, p stays valid
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return float(stats.ttest_rel(a, b).pvalue)
 
     def target_checks(self) -> dict[str, bool]:
         """The issue's quality target, item by item (items whose reference is absent skip)."""
