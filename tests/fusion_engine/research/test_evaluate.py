@@ -16,7 +16,8 @@ from tests.fusion_engine.synthetic import make_pairs
 
 def _max_fuse(ct: np.ndarray, mr: np.ndarray, **_: Any) -> np.ndarray:
     """A stand-in for the network: the pixel maximum (fast, and its scores are known)."""
-    return np.maximum(ct, mr)
+    out: np.ndarray = np.maximum(ct, mr)
+    return out
 
 
 def test_scores_strategies_baselines_and_peers(tmp_path: Path) -> None:

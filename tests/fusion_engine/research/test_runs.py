@@ -20,7 +20,7 @@ def _stage(rng: np.random.Generator, val_losses: list[float]) -> Stage:
         x = torch.from_numpy(rng.random((4, 2), dtype=np.float32))
         loss = ((model(x) - 1.0) ** 2).mean()
         opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         opt.step()
         return {"loss": float(loss.detach()), "extra": 1.0}
 
