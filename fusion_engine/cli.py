@@ -114,13 +114,13 @@ def _add_train(sub: Subparsers) -> None:
     )
     t.add_argument("--data", type=Path, default=default_data_root())
     t.add_argument("--out", type=Path, required=True, help="run directory")
-    t.add_argument("--steps", type=int, default=None, help="default 4000 (stage 1), 600 (2)")
+    t.add_argument("--steps", type=int, default=None, help="default 4000 (stage 1), 1500 (2)")
     t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--crop", type=int, default=256)
-    t.add_argument("--lr", type=float, default=None, help="default 1e-4 (stage 1), 5e-4 (2)")
+    t.add_argument("--crop", type=int, default=None, help="default 256 (stage 1), 128 (2)")
+    t.add_argument("--lr", type=float, default=None, help="default 1e-4 (stage 1), 1e-3 (2)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-cases", type=_cases, default=DEFAULT_VAL_CASES)
-    t.add_argument("--val-every", type=int, default=None, help="default 100 (1), 50 (2)")
+    t.add_argument("--val-every", type=int, default=None, help="default 100 (1), 250 (2)")
     _fusion_stage_arguments(t)
     t.add_argument("--no-phantom", action="store_true", help="AANLIB only")
     t.add_argument("--max-phantom-slices", type=int, default=None)
@@ -158,6 +158,11 @@ def _fusion_stage_arguments(t: argparse.ArgumentParser) -> None:
     g.add_argument("--loss-intensity", type=float, default=w.intensity)
     g.add_argument("--loss-ssim", type=float, default=w.ssim)
     g.add_argument("--loss-gamma", type=float, default=w.gamma, help="saliency sharpness")
+    g.add_argument(
+        "--loss-ssim-equal",
+        action="store_true",
+        help="SSIM to both sources with equal weights (default: weighted by saliency)",
+    )
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
@@ -236,7 +241,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out=str(args.out),
         steps=args.steps or 4000,
         batch_size=args.batch_size,
-        crop=args.crop,
+        crop=args.crop or 256,
         lr=args.lr or 1e-4,
         seed=args.seed,
         val_cases=tuple(args.val_cases),
@@ -264,16 +269,20 @@ def _cmd_train_fusion(args: argparse.Namespace) -> int:
         data=str(args.data),
         out=str(args.out),
         init=str(args.init),
-        steps=args.steps or 600,
+        steps=args.steps or 1500,
         batch_size=args.batch_size,
-        crop=args.crop,
-        lr=args.lr or 5e-4,
+        crop=args.crop or 128,
+        lr=args.lr or 1e-3,
         seed=args.seed,
         val_cases=tuple(args.val_cases),
         exclude_cases=tuple(args.exclude_cases),
-        val_every=args.val_every or 50,
+        val_every=args.val_every or 250,
         loss=FusionLossWeights(
-            args.loss_gradient, args.loss_intensity, args.loss_ssim, args.loss_gamma
+            args.loss_gradient,
+            args.loss_intensity,
+            args.loss_ssim,
+            args.loss_gamma,
+            ssim_by_saliency=not args.loss_ssim_equal,
         ),
         device=args.device,
         threads=args.threads,

@@ -92,6 +92,7 @@ autoencoder's reconstructor). Train it with `fusion-engine train --stage fusion`
 """
     cfg, val, facts = rec.get("config", {}), rec.get("validation", {}), rec.get("training", {})
     loss = cfg.get("loss", {})
+    ssim_weights = "weighted by saliency" if loss.get("ssim_by_saliency") else "equal weights"
     data = "\n".join(f"  - {d}" for d in facts.get("data") or ["(see the run's train.log)"])
     step = rec.get("step")
     return f"""## Stage 2: learned fusion stage (`fusion-engine train --stage fusion`)
@@ -101,7 +102,7 @@ autoencoder's reconstructor). Train it with `fusion-engine train --stage fusion`
 - Loss (no ground truth, `fusion_engine.research.losses`): {loss.get("gradient")} x gradient
   toward the stronger source's Sobel gradient + {loss.get("intensity")} x L1 to the
   saliency-weighted intensity target (gamma {loss.get("gamma")}) + {loss.get("ssim")} x
-  (1 - mean SSIM to both sources).
+  (1 - SSIM to both sources, {ssim_weights}).
 - Optimiser: Adam lr {float(cfg.get("lr", 0)):g}, batch {cfg.get("batch_size")},
   {cfg.get("crop")}x{cfg.get("crop")} crops with the same random flips for both sources,
   seed {cfg.get("seed")}.

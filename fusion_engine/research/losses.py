@@ -15,10 +15,13 @@ its two sources (images in [0, 1], ``a`` = CT, ``b`` = MR, ``f`` = fused):
   the MR) its grey level is kept, where both are alike they are mixed; where both are dark
   the target is dark, so the air stays black. ``gamma`` sets how sharply the brighter source
   wins (``gamma`` -> infinity is the pixel maximum, ``gamma = 1`` a brightness-weighted mean).
-* **SSIM** (structure): ``1 - (SSIM(f, a) + SSIM(f, b)) / 2`` with the Gaussian 11 x 11
-  window: local structure (correlation) and contrast of both sources, on top of the two
-  pixel-wise terms above; it also penalises ringing and checkerboard texture that neither
-  source has.
+* **SSIM** (structure): ``1 - mean(w SSIM(f, a) + (1 - w) SSIM(f, b))`` per pixel with the
+  Gaussian 11 x 11 window and the same saliency weight ``w``: the local structure
+  (correlation) and contrast of each source where that source is the salient one, on top of
+  the two pixel-wise terms above; it also penalises ringing and checkerboard texture that
+  neither source has. Weighting matters where the sources disagree: in the skull the CT is
+  white and the MR dark, and an unweighted SSIM to both (``ssim_by_saliency=False``, the
+  common choice) pulls the bone towards grey with bright rims, which we saw and rejected.
 
 Gradients alone do not fix the absolute grey level and the intensity target alone would
 reproduce the pixel maximum, which loses the weaker source's edges; together with SSIM they
@@ -116,20 +119,28 @@ def weighted_ssim(a: Tensor, b: Tensor, f: Tensor, w: Tensor) -> Tensor:
 class FusionLossWeights:
     """Weights of the fusion loss's terms and the sharpness of the saliency weights."""
 
-    gradient: float = 4.0
+    gradient: float = 8.0
     intensity: float = 1.0
     ssim: float = 1.0
     gamma: float = 4.0
+    ssim_by_saliency: bool = True
 
 
-def fusion_loss_terms(a: Tensor, b: Tensor, f: Tensor, gamma: float) -> dict[str, Tensor]:
+def fusion_loss_terms(
+    a: Tensor, b: Tensor, f: Tensor, gamma: float, ssim_by_saliency: bool = True
+) -> dict[str, Tensor]:
     """The three unweighted terms (see the module docstring), each a scalar."""
     tx, ty = stronger_gradient(a, b)
     fx, fy = sobel(f)
+    w = saliency_weight(a, b, gamma)
+    if ssim_by_saliency:
+        ssim = weighted_ssim(a, b, f, w)
+    else:
+        ssim = 0.5 * (ssim_torch(f, a) + ssim_torch(f, b))
     return {
         "gradient": ((fx - tx).abs() + (fy - ty).abs()).mean(),
-        "intensity": (f - saliency_target(a, b, gamma)).abs().mean(),
-        "ssim": 1.0 - 0.5 * (ssim_torch(f, a) + ssim_torch(f, b)),
+        "intensity": (f - (w * a + (1.0 - w) * b)).abs().mean(),
+        "ssim": 1.0 - ssim,
     }
 
 
@@ -137,7 +148,7 @@ def fusion_loss(
     a: Tensor, b: Tensor, f: Tensor, weights: FusionLossWeights
 ) -> tuple[Tensor, dict[str, float]]:
     """The weighted fusion loss and its unweighted terms as floats (for the loss curves)."""
-    terms = fusion_loss_terms(a, b, f, weights.gamma)
+    terms = fusion_loss_terms(a, b, f, weights.gamma, weights.ssim_by_saliency)
     total = (
         weights.gradient * terms["gradient"]
         + weights.intensity * terms["intensity"]

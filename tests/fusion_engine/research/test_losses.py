@@ -82,3 +82,18 @@ def test_fusion_loss_has_gradients_for_the_fused_image() -> None:
     loss, _ = fusion_loss(a, b, f, FusionLossWeights())
     loss.backward()  # type: ignore[no-untyped-call]
     assert f.grad is not None and float(f.grad.abs().sum()) > 0
+
+
+def test_saliency_weighted_ssim_keeps_bone_white() -> None:
+    """Where the CT is bright and the MR dark (bone), SSIM to both with equal weights hardly
+    minds a grey bone; weighted by saliency it clearly prefers the CT's white."""
+    a = _disk(r=10.0, value=1.0) - _disk(r=7.0, value=1.0)  # a white ring: skull in the CT
+    b = _disk(r=7.0, value=0.6)  # MR: dark bone, brain inside
+
+    def gap(by_saliency: bool) -> float:
+        white, grey = (torch.where(a > 0.5, torch.full_like(a, v), b) for v in (1.0, 0.55))
+        terms = [fusion_loss_terms(a, b, f, 4.0, by_saliency)["ssim"] for f in (grey, white)]
+        return float(terms[0] - terms[1])
+
+    assert gap(True) > 0.03
+    assert gap(True) > 5 * gap(False)
