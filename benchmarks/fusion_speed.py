@@ -1,16 +1,19 @@
 """Fusion throughput against this machine's fp32 GEMM rate.
 
-Usage: ``python benchmarks/fusion_speed.py [--threads N] [--batch 2] [--slices 8] [--size 512]``
+Usage: ``python benchmarks/fusion_speed.py [--threads N] [--batch 2] [--slices 8] [--size 512]
+[--strategies learned-fusion,mean-attention]``
 
 1. torch fp32 matrix multiply 2048 x 2048 (same thread count): GFLOP/s = 2 n^3 / t, measured
    once at the start and again just before every timed run (a shared virtual machine's rate
    drifts by tens of percent within minutes): the "x GEMM" column is the median over the runs
    of each run's rate divided by the GEMM rate measured just before it; "GEMM" is the median
    of those GEMM rates.
-2. ``fusion_engine`` fusion of size x size slices with the shipped weights, for each precision
-   path (fp32 NCHW, channels_last fp32, bf16 channels_last where the CPU supports it):
-   ms per slice and effective GFLOP/s = 2 x multiply-adds of (two extractors + one
-   reconstructor) x pixels / time, and the ratio of that to the GEMM rate.
+2. ``fusion_engine`` fusion of size x size slices with the shipped weights, for each strategy
+   named (default: the learned fusion stage and the hand-made ``mean-attention``) and each
+   precision path (fp32 NCHW, channels_last fp32, bf16 channels_last where the CPU supports
+   it): ms per slice and effective GFLOP/s = 2 x multiply-adds of (two extractors + the
+   fusion layer's convolutions, if any + one reconstructor) x pixels / time, and the ratio of
+   that to the GEMM rate.
    PSNR of each path against fp32 is printed too (the issue allows fast paths >= 45 dB).
 
 The slices are the AANLIB validation pairs (``--data``, default ../shared/data) upsampled to
@@ -36,7 +39,7 @@ import torch
 
 from fusion_engine.allocator import reuse_freed_memory
 from fusion_engine.inference import LoadedModel, bf16_native, fuse, load_model
-from fusion_engine.model import FUSION_STRATEGIES, macs_per_pixel
+from fusion_engine.model import LEARNED_STRATEGY, fusion_macs_per_pixel
 from fusion_engine.research.data import (
     DEFAULT_VAL_CASES,
     default_data_root,
@@ -121,6 +124,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tile", type=int, default=256, help="tile size of the tiled paths")
     p.add_argument("--data", type=Path, default=default_data_root(), help="shared data folder")
+    p.add_argument(
+        "--strategies",
+        default=f"{LEARNED_STRATEGY},mean-attention",
+        help="comma separated strategies to time",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,15 +148,27 @@ def main() -> None:
     gemm = gemm_gflops(device=args.device)
     print(f"fp32 GEMM 2048x2048: {gemm:.1f} GFLOP/s")
 
-    ext, rec = macs_per_pixel(load_model("cpu", "fp32").net)
-    flop_per_slice = 2.0 * (2 * ext + rec) * args.size**2
-    print(
-        f"network: {ext} + {ext} + {rec} multiply-adds per pixel "
-        f"= {flop_per_slice / 1e9:.2f} GFLOP per {args.size}x{args.size} slice"
-    )
+    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    net = load_model("cpu", "fp32").net
+    macs = {st: fusion_macs_per_pixel(net, st) for st in strategies}
+    for st, m in macs.items():
+        print(
+            f"network, {st}: {m} multiply-adds per pixel "
+            f"({m / fusion_macs_per_pixel(net, 'mean-attention'):.3f} x a hand-made rule) "
+            f"= {2.0 * m * args.size**2 / 1e9:.2f} GFLOP per {args.size}x{args.size} slice"
+        )
 
     ct, mr, source = test_slices(args.data, args.slices, args.size)
     print(f"slices: {source}")
+    for st in strategies:
+        time_paths(args, st, 2.0 * macs[st] * args.size**2, ct, mr)
+
+
+def time_paths(
+    args: argparse.Namespace, strategy: str, flop_per_slice: float, ct: np.ndarray, mr: np.ndarray
+) -> None:
+    """Time every precision path of ``strategy`` and print one table row per path."""
+    device = torch.device(args.device)
     # (label, precision, tile): tile None = one pass over the whole slice
     paths: list[tuple[str, str, int | None]] = [
         ("fp32", "fp32", None),
@@ -157,12 +177,20 @@ def main() -> None:
     ]
     if bf16_native(device):
         paths += [("bf16", "bf16", None), (f"bf16 t{args.tile}", "bf16", args.tile)]
-    ref = fuse(ct, mr, device=args.device, precision="fp32", batch_size=args.batch, tile=0)
+    ref = fuse(
+        ct,
+        mr,
+        strategy=strategy,
+        device=args.device,
+        precision="fp32",
+        batch_size=args.batch,
+        tile=0,
+    )
     print()
+    print(f"strategy {strategy}")
     print(
         f"{'path':<20}{'ms/slice':>10}{'GFLOP/s':>10}{'GEMM':>8}{'x GEMM':>8}{'PSNR vs fp32':>14}"
     )
-    fusion = FUSION_STRATEGIES["mean-attention"]
     for label, prec, tile in paths:
         model = load_model(args.device, prec)
         ta = torch.from_numpy(ct)[:, None]
@@ -176,7 +204,7 @@ def main() -> None:
         ) -> None:
             with torch.inference_mode():
                 for s in range(0, args.slices, args.batch):
-                    model.run(ta[s : s + args.batch], tb[s : s + args.batch], fusion, tile)
+                    model.run(ta[s : s + args.batch], tb[s : s + args.batch], strategy, tile)
 
         with reuse_freed_memory():  # as fuse_volume: steady state after the first batch
             run()
@@ -186,7 +214,13 @@ def main() -> None:
         ratio = statistics.median(flop_per_slice * args.slices / t / 1e9 / g for t, g in rounds)
         ref_rate = statistics.median(g for _, g in rounds)
         out = fuse(
-            ct, mr, device=args.device, precision=prec, batch_size=args.batch, tile=tile or 0
+            ct,
+            mr,
+            strategy=strategy,
+            device=args.device,
+            precision=prec,
+            batch_size=args.batch,
+            tile=tile or 0,
         )
         mse = float(np.mean((out.astype(np.float64) - ref) ** 2))
         psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)

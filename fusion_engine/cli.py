@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 from fusion_engine.defaults import DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
 from fusion_engine.errors import FusionEngineError
@@ -25,14 +26,27 @@ def _cases(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fusion-engine``."""
-    from fusion_engine.inference import STRATEGIES
-    from fusion_engine.research.data import DEFAULT_VAL_CASES, default_data_root
-
     p = argparse.ArgumentParser(prog="fusion-engine", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_fuse_commands(sub)
+    _add_evaluate(sub)
+    _add_train(sub)
+    x = sub.add_parser(
+        "export-weights", help="checkpoint of either stage -> fusion_engine/weights/"
+    )
+    x.add_argument("checkpoint", type=Path)
+    x.add_argument("--dest", type=Path, default=Path(__file__).parent / "weights")
+    return p
+
+
+def _add_fuse_commands(sub: Subparsers) -> None:
+    from fusion_engine.inference import STRATEGIES
 
     f = sub.add_parser("fuse", help="fuse one CT/MR pair of grey PNGs (8 or 16 bit)")
     f.add_argument("ct", type=Path)
@@ -55,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--device", default="auto")
     fp.add_argument("--cases", type=_cases, default=None, help="only these cases, e.g. 21,34")
 
+
+def _add_evaluate(sub: Subparsers) -> None:
+    from fusion_engine.research.data import DEFAULT_VAL_CASES
+
     e = sub.add_parser("evaluate", help="Table-2 style report: strategies vs baselines")
     e.add_argument("--pairs", type=Path, required=True)
     e.add_argument("--out", type=Path, required=True)
@@ -71,19 +89,39 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"'val' = the validation cases {','.join(DEFAULT_VAL_CASES)}",
     )
     e.add_argument("--device", default="auto")
-    e.add_argument("--grid", type=int, default=4, help="pairs shown in the PNG grid")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--grid", type=int, default=4, help="pairs shown in the PNG grids")
+    e.add_argument(
+        "--peers",
+        type=Path,
+        default=None,
+        help="folder of peer outputs <peer>/<name>.png (default: PAIRS/../peer-fusions if present)",
+    )
+    e.add_argument("--no-peers", action="store_true", help="score without the peers")
+    e.add_argument("--no-progress", action="store_true", help="no status lines")
 
-    t = sub.add_parser("train", help="train the autoencoder (paper recipe)")
+
+def _add_train(sub: Subparsers) -> None:
+    from fusion_engine.research.data import DEFAULT_VAL_CASES, default_data_root
+
+    t = sub.add_parser(
+        "train", help="train the autoencoder (paper recipe) or, --stage fusion, the fusion stage"
+    )
+    t.add_argument(
+        "--stage",
+        choices=("autoencoder", "fusion"),
+        default="autoencoder",
+        help="autoencoder: stage 1, the paper's recipe; fusion: stage 2, the learned fusion",
+    )
     t.add_argument("--data", type=Path, default=default_data_root())
     t.add_argument("--out", type=Path, required=True, help="run directory")
-    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--steps", type=int, default=None, help="default 4000 (stage 1), 1500 (2)")
     t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--crop", type=int, default=256)
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--crop", type=int, default=None, help="default 256 (stage 1), 128 (2)")
+    t.add_argument("--lr", type=float, default=None, help="default 1e-4 (stage 1), 1e-3 (2)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-cases", type=_cases, default=DEFAULT_VAL_CASES)
-    t.add_argument("--val-every", type=int, default=100)
+    t.add_argument("--val-every", type=int, default=None, help="default 100 (1), 250 (2)")
+    _fusion_stage_arguments(t)
     t.add_argument("--no-phantom", action="store_true", help="AANLIB only")
     t.add_argument("--max-phantom-slices", type=int, default=None)
     t.add_argument(
@@ -104,10 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--no-progress", action="store_true")
 
-    x = sub.add_parser("export-weights", help="checkpoint -> fusion_engine/weights/")
-    x.add_argument("checkpoint", type=Path)
-    x.add_argument("--dest", type=Path, default=Path(__file__).parent / "weights")
-    return p
+
+def _fusion_stage_arguments(t: argparse.ArgumentParser) -> None:
+    """Options of ``train --stage fusion`` (the loss weights default to the shipped recipe)."""
+    from fusion_engine.inference import WEIGHTS_DIR
+    from fusion_engine.research.losses import FusionLossWeights
+
+    w = FusionLossWeights()
+    g = t.add_argument_group("fusion stage (--stage fusion)")
+    g.add_argument("--init", type=Path, default=WEIGHTS_DIR, help="autoencoder weights folder")
+    g.add_argument(
+        "--exclude-cases", type=_cases, default=(), help="cases used neither to train nor validate"
+    )
+    g.add_argument("--loss-gradient", type=float, default=w.gradient)
+    g.add_argument("--loss-intensity", type=float, default=w.intensity)
+    g.add_argument("--loss-ssim", type=float, default=w.ssim)
+    g.add_argument("--loss-gamma", type=float, default=w.gamma, help="saliency sharpness")
+    g.add_argument(
+        "--loss-ssim-equal",
+        action="store_true",
+        help="SSIM to both sources with equal weights (default: weighted by saliency)",
+    )
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
@@ -162,13 +217,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cases = args.cases
     if cases is None and args.split == "val":
         cases = DEFAULT_VAL_CASES
+    peers = args.peers or args.pairs.resolve().parent / "peer-fusions"
+    if args.no_peers or not peers.is_dir():
+        if args.peers is not None and not args.no_peers:
+            raise FusionEngineError(f"peer folder {args.peers} not found")
+        peers = None
     report = evaluate(
-        args.pairs,
-        args.out,
-        cases=cases,
-        device=args.device,
-        grid_pairs=args.grid,
-        progress=not args.no_progress,
+        args.pairs, args.out, cases=cases, device=args.device, grid_pairs=args.grid, peers_dir=peers
     )
     print(report.markdown)
     print(f"report written to {args.out}")
@@ -176,19 +231,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.stage == "fusion":
+        return _cmd_train_fusion(args)
     from fusion_engine.research.train import TrainConfig, train
 
     windows = tuple(args.ct_window) if args.ct_window else (DEFAULT_CT_WINDOW,)
     cfg = TrainConfig(
         data=str(args.data),
         out=str(args.out),
-        steps=args.steps,
+        steps=args.steps or 4000,
         batch_size=args.batch_size,
-        crop=args.crop,
-        lr=args.lr,
+        crop=args.crop or 256,
+        lr=args.lr or 1e-4,
         seed=args.seed,
         val_cases=tuple(args.val_cases),
-        val_every=args.val_every,
+        val_every=args.val_every or 100,
         use_phantom=not args.no_phantom,
         ct_windows=windows,
         max_phantom_slices=args.max_phantom_slices,
@@ -204,8 +261,50 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_fusion(args: argparse.Namespace) -> int:
+    from fusion_engine.research.fusion_train import FusionTrainConfig, train_fusion
+    from fusion_engine.research.losses import FusionLossWeights
+
+    cfg = FusionTrainConfig(
+        data=str(args.data),
+        out=str(args.out),
+        init=str(args.init),
+        steps=args.steps or 1500,
+        batch_size=args.batch_size,
+        crop=args.crop or 128,
+        lr=args.lr or 1e-3,
+        seed=args.seed,
+        val_cases=tuple(args.val_cases),
+        exclude_cases=tuple(args.exclude_cases),
+        val_every=args.val_every or 250,
+        loss=FusionLossWeights(
+            args.loss_gradient,
+            args.loss_intensity,
+            args.loss_ssim,
+            args.loss_gamma,
+            ssim_by_saliency=not args.loss_ssim_equal,
+        ),
+        device=args.device,
+        threads=args.threads,
+        time_budget_s=None if args.time_budget_min is None else args.time_budget_min * 60.0,
+    )
+    res = train_fusion(cfg, resume=args.resume, progress=not args.no_progress)
+    print(
+        f"steps {res.steps} in {res.seconds:.0f} s; last validation fusion loss "
+        f"{_last_val(Path(res.out)):.4f}; weights in {res.out}/last.pt"
+    )
+    return 0
+
+
+def _last_val(run_dir: Path) -> float:
+    import csv
+
+    rows = list(csv.DictReader((run_dir / "loss.csv").open()))
+    return float(rows[-1]["val_loss"]) if rows else float("nan")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
-    from fusion_engine.research.train import export_weights
+    from fusion_engine.research.export import export_weights
 
     digest = export_weights(args.checkpoint, args.dest)
     print(f"exported {args.checkpoint} -> {args.dest} sha256 {digest}")

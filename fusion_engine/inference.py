@@ -35,15 +35,15 @@ from fusion_engine import onednn
 from fusion_engine.allocator import reuse_freed_memory
 from fusion_engine.defaults import DEFAULT_BATCH_SIZE, DEFAULT_STRATEGY
 from fusion_engine.errors import InputError, WeightsError
-from fusion_engine.model import FUSION_STRATEGIES, FusionFn, FusionNet
+from fusion_engine.model import STRATEGY_NAMES, FusionNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 """Directory of the shipped weights, their ``manifest.json`` and ``MODEL_CARD.md``."""
 
 MODEL_NAME = "res2net-fusion"
-MODEL_RELEASE = "1.0"
+MODEL_RELEASE = "2.0"
 
-STRATEGIES: tuple[str, ...] = tuple(FUSION_STRATEGIES)
+STRATEGIES: tuple[str, ...] = STRATEGY_NAMES
 """Strategy names accepted by :func:`fuse` (the first is the default)."""
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "channels_last", "bf16")
 
 TILE_HALO = 16
-"""Margin of each tile in pixels: >= the receptive radius of the network (12 3x3
-convolutions on the longest path, plus 1 for the l1-norm block average)."""
+"""Margin of each tile in pixels: >= the receptive radius of the network (13 3x3
+convolutions on the longest path with the learned fusion layer, 12 plus 1 for the l1-norm
+block average with the hand-made rules)."""
 
 DEFAULT_CPU_TILE: int | None = None
 """Tile size on CPU (None: one pass). Tiling is exact but was slower on the 2-core
@@ -180,33 +181,35 @@ class LoadedModel:
         return self.device.type == "cpu" and self.precision != "fp32" and onednn.available()
 
     def run(
-        self, ct: torch.Tensor, mr: torch.Tensor, fusion: FusionFn, tile: int | None = None
+        self, ct: torch.Tensor, mr: torch.Tensor, strategy: str, tile: int | None = None
     ) -> torch.Tensor:
-        """Fuse (N, 1, H, W) float32 tensors on the model's device; float32 result clamped.
+        """Fuse (N, 1, H, W) float32 tensors with ``strategy`` on the model's device; float32
+        result clamped to [0, 1].
 
         With ``tile`` the image is processed in tile x tile blocks, each with a
         :data:`TILE_HALO` pixel margin of real neighbours (or the image border), which gives
-        the same result as one pass (the network's receptive radius is 13 pixels) while the
-        activations stay in cache.
+        the same result as one pass (the network's receptive radius is 13 pixels at most)
+        while the activations stay in cache.
         """
         h, w = ct.shape[-2:]
         if tile is None or (h <= tile and w <= tile):
-            return self._run(ct, mr, fusion)
+            return self._run(ct, mr, strategy)
         out = torch.empty(ct.shape, dtype=torch.float32)
         for y0 in range(0, h, tile):
             for x0 in range(0, w, tile):
                 y1, x1 = min(h, y0 + tile), min(w, x0 + tile)
                 ya, xa = max(0, y0 - TILE_HALO), max(0, x0 - TILE_HALO)
                 yb, xb = min(h, y1 + TILE_HALO), min(w, x1 + TILE_HALO)
-                res = self._run(ct[..., ya:yb, xa:xb], mr[..., ya:yb, xa:xb], fusion)
+                res = self._run(ct[..., ya:yb, xa:xb], mr[..., ya:yb, xa:xb], strategy)
                 out[..., y0:y1, x0:x1] = res[..., y0 - ya : y1 - ya, x0 - xa : x1 - xa].cpu()
         return out
 
-    def _run(self, ct: torch.Tensor, mr: torch.Tensor, fusion: FusionFn) -> torch.Tensor:
+    def _run(self, ct: torch.Tensor, mr: torch.Tensor, strategy: str) -> torch.Tensor:
         a = ct.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         b = mr.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        fusion, reconstructor = self.net.path(strategy)
         fused = onednn.fuse if self.fused_ops else FusionNet.fuse
-        out = fused(self.net, a, b, fusion)
+        out = fused(self.net, a, b, fusion, reconstructor)
         return out.float().clamp_(0.0, 1.0)
 
 
@@ -284,7 +287,7 @@ def fuse(
     ``precision`` see the module docstring; ``tile`` the tile size of the (exact) tiled pass,
     ``None`` for :data:`DEFAULT_CPU_TILE` on CPU and untiled on CUDA, 0 for untiled.
     """
-    if strategy not in FUSION_STRATEGIES:
+    if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
     if batch_size < 1:
         raise InputError("batch_size must be >= 1")
@@ -296,7 +299,6 @@ def fuse(
     squeeze = ct_np.ndim == 2
     a, b = _as_stack("ct", ct_np), _as_stack("mr", mr_np)
     model = load_model(str(resolve_device(device)), precision)
-    fusion = FUSION_STRATEGIES[strategy]
     if tile is None:
         tile_px = DEFAULT_CPU_TILE if model.device.type == "cpu" else None
     else:
@@ -307,5 +309,5 @@ def fuse(
             sl = slice(start, start + batch_size)
             ta = torch.from_numpy(np.ascontiguousarray(a[sl]))[:, None]
             tb = torch.from_numpy(np.ascontiguousarray(b[sl]))[:, None]
-            out[sl] = model.run(ta, tb, fusion, tile_px)[:, 0].cpu().numpy()
+            out[sl] = model.run(ta, tb, strategy, tile_px)[:, 0].cpu().numpy()
     return cast("npt.NDArray[np.float32]", out[0] if squeeze else out)

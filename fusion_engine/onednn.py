@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusion_engine.model import Extractor, FusionFn, FusionNet, Reconstructor, Res2NetBlock
+from fusion_engine.model import (
+    Extractor,
+    FusionFn,
+    FusionLayer,
+    FusionNet,
+    Reconstructor,
+    Res2NetBlock,
+    mix_by_gains,
+)
 
 _NO_SCALARS: list[float] = []
 
@@ -142,8 +150,23 @@ def reconstruct(rec: Reconstructor, x: Tensor) -> Tensor:
     return conv3_reflect(x, rec.conv4, relu=False)
 
 
-def fuse(net: FusionNet, a: Tensor, b: Tensor, fusion: FusionFn) -> Tensor:
-    """Same as ``net.fuse(a, b, fusion)`` on CPU, with fused operators."""
+def fusion_layer(layer: FusionLayer, a: Tensor, b: Tensor) -> Tensor:
+    """The learned fusion layer's forward pass with fused operators."""
+    h = _conv(torch.cat([a, b], dim=1), layer.squeeze, relu=True, padding=0)
+    h = conv3_reflect(h, layer.context, relu=True)
+    return mix_by_gains(_conv(h, layer.gains, relu=False, padding=0), a, b)
+
+
+def fuse(
+    net: FusionNet,
+    a: Tensor,
+    b: Tensor,
+    fusion: FusionFn,
+    reconstructor: Reconstructor | None = None,
+) -> Tensor:
+    """Same as ``net.fuse(a, b, fusion, reconstructor)`` on CPU, with fused operators."""
     n = a.shape[0]
     feats = extract(net.extractor, torch.cat([a, b], dim=0))
-    return reconstruct(net.reconstructor, fusion(feats[:n], feats[n:]))
+    fa, fb = feats[:n], feats[n:]
+    fused = fusion_layer(fusion, fa, fb) if isinstance(fusion, FusionLayer) else fusion(fa, fb)
+    return reconstruct(reconstructor or net.reconstructor, fused)

@@ -16,15 +16,17 @@ through the network at all. Callers say this in the output's description
 Only the bounding box of the imaged object over the whole volume (CT above -500 HU or MR
 above 10 % of its scale, after a 3 x 3 opening that drops isolated noise pixels), widened by
 :data:`CROP_MARGIN` pixels, goes through the network, the same box for every batch. The margin
-exceeds the network's receptive-field radius (12 pixels), so every pixel inside the box is what
-the whole slice would give (up to rounding). Outside the box both sources are air and the fused
-image holds the CT-window image (black), as outside the MR.
+exceeds the network's receptive-field radius (13 pixels at most), so every pixel inside the box
+is what the whole slice would give (up to rounding). Outside the box both sources are air and
+the fused image holds the CT-window image (black), as outside the MR.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TypedDict, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -95,99 +97,147 @@ def _interpolate_between(volume: npt.NDArray[np.float32], done: Sequence[int]) -
             volume[z] = (1 - w) * volume[lo] + w * volume[hi]
 
 
-def fuse_volume(
-    ct_hu: sitk.Image,
-    mr_on_ct: sitk.Image,
-    mr_mask: sitk.Image,
-    *,
-    strategy: str = DEFAULT_STRATEGY,
-    device: str = "auto",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW,
-    progress: Callable[[int, int], None] | None = None,
-    slices: Sequence[int] | None = None,
-    threads: int | None = None,
-    mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES,
-    precision: str = "auto",
-) -> sitk.Image:
-    """Fuse CT (HU) and MR (on the CT grid) axial slice by slice; float32 [0, 1] on the CT grid.
+@dataclass(frozen=True)
+class VolumeFusionSettings:
+    """How :func:`fuse_volume` prepares the intensities and runs the network.
 
-    ``mr_mask`` is 1 where the MR has data. Outside it the result is the CT-window image
-    (see the module docstring). ``slices`` restricts the work to those z indices (a CT with
-    gaps on a regular lattice: the real slices); slices between two of them are linearly
-    interpolated from those two, slices outside their range hold the CT-window image.
-    ``progress(done, total)`` is called after every batch; ``precision`` is passed to
-    :func:`fusion_engine.inference.fuse`.
+    ``strategy`` one of :data:`fusion_engine.inference.STRATEGIES`; ``device``, ``threads``
+    and ``precision`` as in :func:`fusion_engine.inference.fuse`; ``batch_size`` slices per
+    batch; ``ct_window`` (centre, width) in HU; ``mr_percentiles`` the MR's robust range.
     """
-    from fusion_engine.allocator import reuse_freed_memory
-    from fusion_engine.inference import fuse  # torch is imported only when fusing
 
+    strategy: str = DEFAULT_STRATEGY
+    device: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
+    mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES
+    threads: int | None = None
+    precision: str = "auto"
+
+
+class VolumeFusionOverrides(TypedDict, total=False):
+    """Keyword overrides of :class:`VolumeFusionSettings` accepted by :func:`fuse_volume`."""
+
+    strategy: str
+    device: str
+    batch_size: int
+    ct_window: tuple[float, float]
+    mr_percentiles: tuple[float, float]
+    threads: int | None
+    precision: str
+
+
+def _check_images(ct_hu: sitk.Image, mr_on_ct: sitk.Image, mr_mask: sitk.Image) -> None:
     for image, what in ((ct_hu, "CT"), (mr_on_ct, "MR"), (mr_mask, "MR mask")):
         if not isinstance(image, sitk.Image) or image.GetDimension() != 3:
             raise InputError(f"{what} must be a 3-D SimpleITK image")
     if not (_same_grid(ct_hu, mr_on_ct) and _same_grid(ct_hu, mr_mask)):
         raise InputError("CT, MR and MR mask must share one grid (resample the MR first)")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
 
+
+@dataclass(frozen=True)
+class _Volumes:
+    """The input arrays (views) and the MR's intensity scale for the whole volume."""
+
+    ct: npt.NDArray[np.floating]
+    mr: npt.NDArray[np.floating]
+    mask: npt.NDArray[np.bool_]
+    lo: float
+    hi: float
+
+    def mr_unit(self, batch: list[int]) -> npt.NDArray[np.float32]:
+        """MR of some slices scaled to [0, 1], 0 outside its data. Computed again per batch
+        rather than kept for the whole volume (a few hundred ms in all against a
+        volume-sized float array in memory)."""
+        unit = np.clip((self.mr[batch].astype(np.float32) - self.lo) / (self.hi - self.lo), 0, 1)
+        return np.where(self.mask[batch], np.nan_to_num(unit), 0.0).astype(np.float32)
+
+    def box(self, with_mr: list[int]) -> tuple[slice, slice] | None:
+        """One crop box for the whole volume: every batch has the same shape, so the freed
+        activations of one batch fit the next (allocator.reuse_freed_memory) and no slice's
+        result depends on which slices share its batch."""
+        chunks = (with_mr[i : i + 16] for i in range(0, len(with_mr), 16))
+        return _union_box(object_box(self.ct[c], self.mr_unit(c)) for c in chunks)
+
+
+def _fuse_batches(
+    vols: _Volumes,
+    out: npt.NDArray[np.float32],
+    with_mr: list[int],
+    settings: VolumeFusionSettings,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Fuse the slices ``with_mr`` batch by batch into ``out`` (which holds the CT window)."""
+    from fusion_engine.allocator import reuse_freed_memory
+    from fusion_engine.inference import fuse  # torch is imported only when fusing
+
+    box = vols.box(with_mr)
+    total, step = len(with_mr), settings.batch_size
+    if progress is not None:
+        progress(0, total)
+    with reuse_freed_memory():  # one page-in of the working set per volume, not per batch
+        for start in range(0, total, step):
+            batch = with_mr[start : start + step]
+            ct_unit = out[batch]
+            fused = ct_unit.copy()
+            if box is not None:
+                crop = (slice(None), *box)
+                part = fuse(
+                    np.ascontiguousarray(ct_unit[crop]),
+                    np.ascontiguousarray(vols.mr_unit(batch)[crop]),
+                    strategy=settings.strategy,
+                    device=settings.device,
+                    batch_size=step,
+                    threads=settings.threads,
+                    precision=settings.precision,
+                )
+                if part.shape != ct_unit[crop].shape:
+                    raise InputError(
+                        f"fuse returned shape {part.shape}, expected {ct_unit[crop].shape}"
+                    )
+                fused[crop] = part
+            out[batch] = np.where(vols.mask[batch], np.clip(fused, 0.0, 1.0), ct_unit)
+            if progress is not None:
+                progress(min(start + step, total), total)
+
+
+def fuse_volume(
+    ct_hu: sitk.Image,
+    mr_on_ct: sitk.Image,
+    mr_mask: sitk.Image,
+    settings: VolumeFusionSettings | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    slices: Sequence[int] | None = None,
+    **overrides: Unpack[VolumeFusionOverrides],
+) -> sitk.Image:
+    """Fuse CT (HU) and MR (on the CT grid) axial slice by slice; float32 [0, 1] on the CT grid.
+
+    ``mr_mask`` is 1 where the MR has data. Outside it the result is the CT-window image
+    (see the module docstring). ``settings`` (default :class:`VolumeFusionSettings`), with any
+    of its fields overridden by keyword (``strategy="average"``), say how to fuse.
+    ``slices`` restricts the work to those z indices (a CT with gaps on a regular lattice: the
+    real slices); slices between two of them are linearly interpolated from those two, slices
+    outside their range hold the CT-window image. ``progress(done, total)`` is called after
+    every batch.
+    """
+    settings = replace(settings or VolumeFusionSettings(), **overrides)
+    _check_images(ct_hu, mr_on_ct, mr_mask)
+    if settings.batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {settings.batch_size}")
     ct = sitk.GetArrayViewFromImage(ct_hu)
-    mr = sitk.GetArrayViewFromImage(mr_on_ct)
     mask = sitk.GetArrayViewFromImage(mr_mask) > 0
     depth = ct.shape[0]
     wanted = list(range(depth)) if slices is None else sorted({int(z) for z in slices})
     if any(z < 0 or z >= depth for z in wanted):
         raise InputError(f"slice indices must lie in 0..{depth - 1}")
-
-    lo, hi = mr_scale(mr, mask, mr_percentiles) if mask.any() else (0.0, 1.0)
+    mr = sitk.GetArrayViewFromImage(mr_on_ct)
+    lo, hi = mr_scale(mr, mask, settings.mr_percentiles) if mask.any() else (0.0, 1.0)
     out: npt.NDArray[np.float32] = np.empty(ct.shape, dtype=np.float32)
     for z in range(0, depth, 16):  # CT window everywhere first, in chunks (memory)
-        out[z : z + 16] = ct_to_unit(ct[z : z + 16], ct_window)
-
+        out[z : z + 16] = ct_to_unit(ct[z : z + 16], settings.ct_window)
     with_mr = [z for z in wanted if mask[z].any()]
-
-    # MR scaled to [0, 1] for some slices; computed again per batch rather than kept for the
-    # whole volume (a few hundred ms in all against a volume-sized float array in memory).
-    def mr_unit_of(batch: list[int]) -> npt.NDArray[np.float32]:
-        unit = np.clip((mr[batch].astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
-        return np.where(mask[batch], np.nan_to_num(unit), 0.0).astype(np.float32)
-
-    # One box for the whole volume: every batch has the same shape, so the freed activations
-    # of one batch fit the next (allocator.reuse_freed_memory) and no slice's result depends
-    # on which slices share its batch.
-    box = _union_box(
-        object_box(ct[chunk], mr_unit_of(chunk))
-        for chunk in (with_mr[i : i + 16] for i in range(0, len(with_mr), 16))
-    )
-    total = len(with_mr)
-    if progress is not None:
-        progress(0, total)
-    with reuse_freed_memory():  # one page-in of the working set per volume, not per batch
-        for start in range(0, total, batch_size):
-            batch = with_mr[start : start + batch_size]
-            ct_unit = out[batch]
-            fused = ct_unit.copy()
-            if box is not None:
-                crop = (slice(None), *box)
-                part = np.asarray(
-                    fuse(
-                        np.ascontiguousarray(ct_unit[crop]),
-                        np.ascontiguousarray(mr_unit_of(batch)[crop]),
-                        strategy=strategy,
-                        device=device,
-                        batch_size=batch_size,
-                        threads=threads,
-                        precision=precision,
-                    ),
-                    dtype=np.float32,
-                )
-                expected = ct_unit[crop].shape
-                if part.shape != expected:
-                    raise InputError(f"fuse returned shape {part.shape}, expected {expected}")
-                fused[crop] = part
-            out[batch] = np.where(mask[batch], np.clip(fused, 0.0, 1.0), ct_unit)
-            if progress is not None:
-                progress(min(start + batch_size, total), total)
-
+    _fuse_batches(_Volumes(ct, mr, mask, lo, hi), out, with_mr, settings, progress)
     if slices is not None:
         _interpolate_between(out, wanted)
     result = sitk.GetImageFromArray(out)

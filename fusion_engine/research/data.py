@@ -1,7 +1,8 @@
 """Dataset loading for training and evaluation (PNG pairs and DICOM volumes via SimpleITK).
 
-* AANLIB pairs: ``<root>/aanlib-ct-mri/CT/NNNNN.png`` and ``.../MRI/NNNNN.png``, the first two
-  digits of a name are the case. Train/validation are split by case, never by slice.
+* AANLIB pairs: ``<root>/aanlib-ct-mri/CT/NNNNN.png`` and ``.../MRI/NNNNN.png``; a name is the
+  case followed by a three-digit slice number (``16003`` is case 16, ``2004`` is case 2).
+  Train/validation are split by case, never by slice.
 * MRI-DIR phantom: ``<root>/mridir-phantom/{ct,mr}`` DICOM series read with SimpleITK's
   ImageSeriesReader (no pydicom here); axial slices, CT through :func:`ct_to_unit`, MR through
   :func:`mr_to_unit` over the whole volume. The phantom is a single case, so it is used for
@@ -48,8 +49,22 @@ class PairFiles:
 
     @property
     def case(self) -> str:
-        """The case (patient): the first two characters of the name."""
-        return self.name[:2]
+        """The case (patient): the name without its last three digits (the slice number)."""
+        return case_of(self.name)
+
+
+SLICE_DIGITS = 3
+"""Digits of the slice number at the end of an AANLIB pair name."""
+
+
+def case_of(name: str) -> str:
+    """The case of a pair name: ``16003`` -> ``16``, ``2004`` -> ``2``.
+
+    Raises :class:`InputError` for a name that is not a case followed by a slice number.
+    """
+    if len(name) <= SLICE_DIGITS or not name.isdigit():
+        raise InputError(f"pair name {name!r} is not CASE followed by a 3-digit slice number")
+    return name[:-SLICE_DIGITS]
 
 
 def read_grey_png(path: Path) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]:
@@ -72,7 +87,7 @@ def read_unit_png(path: Path) -> FloatArray:
 def list_pairs(pairs_dir: Path, cases: set[str] | None = None) -> list[PairFiles]:
     """Matching ``CT/*.png`` and ``MRI/*.png`` of a pairs directory, sorted by name.
 
-    ``cases`` restricts to names whose first two characters are in the set.
+    ``cases`` restricts to pairs of those cases (see :func:`case_of`).
     """
     ct_dir, mr_dir = pairs_dir / "CT", pairs_dir / "MRI"
     if not ct_dir.is_dir() or not mr_dir.is_dir():
@@ -86,6 +101,55 @@ def list_pairs(pairs_dir: Path, cases: set[str] | None = None) -> list[PairFiles
     if cases is not None:
         out = [p for p in out if p.case in cases]
     return out
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """Registered CT/MR pairs as two (N, H, W) float32 stacks in [0, 1], with their names."""
+
+    ct: FloatArray
+    mr: FloatArray
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def load_pair_set(pairs_dir: Path, cases: set[str]) -> PairSet:
+    """The pairs of ``cases`` (all images must have one size), or InputError when none."""
+    pairs = list_pairs(pairs_dir, cases)
+    if not pairs:
+        raise InputError(f"no CT/MRI pairs of cases {sorted(cases)} in {pairs_dir}")
+    ct = [read_unit_png(p.ct) for p in pairs]
+    mr = [read_unit_png(p.mr) for p in pairs]
+    if len({x.shape for x in ct + mr}) != 1:
+        raise InputError(f"the pairs of {pairs_dir} differ in size")
+    return PairSet(np.stack(ct), np.stack(mr), tuple(p.name for p in pairs))
+
+
+def random_pair_crops(
+    pairs: PairSet, batch: int, crop: int, rng: np.random.Generator
+) -> tuple[FloatArray, FloatArray]:
+    """(batch, 1, crop, crop) CT and MR crops, the same window and flips for both sources.
+
+    ``crop`` at most the image size; random horizontal and vertical flips.
+    """
+    h, w = pairs.ct.shape[1:]
+    if crop > min(h, w):
+        raise InputError(f"crop {crop} exceeds the pair size {h}x{w}")
+    ct = np.empty((batch, 1, crop, crop), dtype=np.float32)
+    mr = np.empty_like(ct)
+    for k in range(batch):
+        i = int(rng.integers(len(pairs)))
+        y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
+        a = pairs.ct[i, y : y + crop, x : x + crop]
+        b = pairs.mr[i, y : y + crop, x : x + crop]
+        if rng.random() < 0.5:
+            a, b = a[:, ::-1], b[:, ::-1]
+        if rng.random() < 0.5:
+            a, b = a[::-1, :], b[::-1, :]
+        ct[k, 0], mr[k, 0] = a, b
+    return ct, mr
 
 
 def read_dicom_series(directory: Path) -> npt.NDArray[np.float32]:

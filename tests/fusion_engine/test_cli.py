@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fusion_engine.cli import main
-from tests.fusion_engine.test_train import make_pairs
+from tests.fusion_engine.synthetic import make_pairs
 from tests.peers import AANLIB
 
 
@@ -112,10 +112,42 @@ def test_evaluate_report(tmp_path: Path) -> None:
         "SSIM",
         "Qabf",
         "VIFF",
+        "air",
+        "overshoot",
     ]
-    assert len(list(csv.reader((out / "pairs.csv").open()))) == 1 + 10 * 2
+    # 7 network strategies and 4 classical baselines, 2 pairs; no peer folder beside the pairs
+    assert len(list(csv.reader((out / "pairs.csv").open()))) == 1 + 11 * 2
+    assert "learned-fusion" in md and "ifcnn-max" not in md
     with Image.open(out / "grid.png") as im:
         assert im.size[0] > im.size[1] > 100
+
+
+def test_evaluate_scores_the_peers(tmp_path: Path) -> None:
+    root = make_pairs(tmp_path / "d", cases=("11", "12"), per_case=2, size=64)
+    pairs = root / "aanlib-ct-mri"
+    for peer in ("ifcnn-max", "emfusion"):  # peer outputs: here the pixel maximum, raised
+        (root / "peer-fusions" / peer).mkdir(parents=True)
+        for name in ("12000", "12001"):
+            ct = np.asarray(Image.open(pairs / "CT" / f"{name}.png"), dtype=np.uint8)
+            mr = np.asarray(Image.open(pairs / "MRI" / f"{name}.png"), dtype=np.uint8)
+            fused = np.maximum(ct, mr).clip(0, 200) + 40
+            Image.fromarray(fused.astype(np.uint8)).save(
+                root / "peer-fusions" / peer / f"{name}.png"
+            )
+    (root / "peer-fusions" / "emfusion" / "12001.png").unlink()  # incomplete: left out
+    out = tmp_path / "report"
+    args = ["evaluate", "--pairs", str(pairs), "--out", str(out), "--cases", "12", "--grid", "1"]
+    assert main(args) == 0
+    md = (out / "report.md").read_text()
+    assert "ifcnn-max" in md and "emfusion" not in md
+    rows = {(r[0], r[1]): r for r in csv.reader((out / "pairs.csv").open())}
+    header = next(csv.reader((out / "pairs.csv").open()))
+    air = header.index("air")
+    assert float(rows[("12000", "ifcnn-max")][air]) == pytest.approx(40.0)  # raised background
+    assert float(rows[("12000", "pixel-maximum")][air]) == 0.0
+    assert main([*args, "--no-peers", "--out", str(tmp_path / "r2")]) == 0
+    assert "ifcnn-max" not in (tmp_path / "r2" / "report.md").read_text()
+    assert main([*args, "--peers", str(tmp_path / "none")]) == 2
 
 
 def test_real_aanlib_pair(tmp_path: Path) -> None:
@@ -144,26 +176,3 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     # the console script is installed beside the interpreter (on PATH once the venv is active)
     bindir = str(Path(sys.executable).parent)
     assert shutil.which("fusion-engine") or shutil.which("fusion-engine", path=bindir)
-
-
-def test_shortfalls_name_the_methods_ahead() -> None:
-    from fusion_engine.research.evaluate import Report, shortfalls
-
-    metrics = ["AG", "SF", "EN", "Qabf", "VIFF"]
-
-    def col(v: float) -> dict[str, list[float]]:
-        return {k: [v, v + 0.01] for k in metrics}
-
-    scores = {
-        "mean-attention": col(0.5),
-        "addition": col(0.4),
-        "pixel-average": col(0.3),
-        "pixel-maximum": col(0.3),
-    }
-    scores["pixel-maximum"]["VIFF"] = [0.7, 0.72]
-    scores["addition"]["EN"] = [0.9, 0.9]
-    r = Report(list(scores), metrics, ["p1", "p2"], scores, "mean-attention")
-    text = shortfalls(r, ["mean-attention", "addition"])
-    assert len(text) == 2
-    assert text[0].startswith("VIFF") and "`pixel-maximum` 0.710" in text[0]
-    assert text[1].startswith("EN") and "`addition`" in text[1]

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from fusion_engine import onednn
+from fusion_engine.defaults import DEFAULT_STRATEGY
 from fusion_engine.errors import InputError, WeightsError
 from fusion_engine.inference import (
+    MODEL_RELEASE,
     MODEL_VERSION,
     STRATEGIES,
     WEIGHTS_DIR,
@@ -64,7 +66,9 @@ def test_deterministic_and_batch_independent() -> None:
 def test_all_strategies_run_and_differ() -> None:
     ct, mr = _images(1)
     outs = {s: fuse(ct, mr, strategy=s, device="cpu") for s in STRATEGIES}
-    assert STRATEGIES[0] == "mean-attention"
+    assert STRATEGIES[0] == DEFAULT_STRATEGY
+    assert {"learned-fusion", "mean-attention", "mean-attention-paper"} <= set(outs)
+    assert not np.allclose(outs["learned-fusion"], outs["mean-attention"])
     assert not np.allclose(outs["addition"], outs["average"])
     with pytest.raises(InputError):
         fuse(ct, mr, strategy="no-such")
@@ -81,7 +85,7 @@ def test_fused_lies_between_sources_on_structure() -> None:
     assert out[22:26, 22:26].mean() > out[0:3, 28:32].mean() + 0.2
 
 
-@pytest.mark.parametrize("strategy", ["mean-attention", "l1-norm"])
+@pytest.mark.parametrize("strategy", ["mean-attention", "l1-norm", "learned-fusion"])
 def test_tiled_pass_equals_single_pass(strategy: str) -> None:
     rng = np.random.default_rng(1)
     ct = rng.random((2, 70, 90), dtype=np.float32)
@@ -93,11 +97,12 @@ def test_tiled_pass_equals_single_pass(strategy: str) -> None:
         fuse(ct, mr, tile=8)
 
 
+@pytest.mark.parametrize("strategy", ["learned-fusion", "mean-attention"])
 @pytest.mark.parametrize("precision", ["channels_last", "bf16"])
-def test_fast_paths_within_45_db_of_fp32(precision: str) -> None:
+def test_fast_paths_within_45_db_of_fp32(precision: str, strategy: str) -> None:
     ct, mr = _images(2, 40, 40)
-    ref = fuse(ct, mr, device="cpu", precision="fp32")
-    fast = fuse(ct, mr, device="cpu", precision=precision)
+    ref = fuse(ct, mr, strategy=strategy, device="cpu", precision="fp32")
+    fast = fuse(ct, mr, strategy=strategy, device="cpu", precision=precision)
     assert _psnr(fast, ref) >= 45.0
 
 
@@ -146,8 +151,12 @@ def test_shipped_weights_small_and_checksum_matches() -> None:
     assert digest == manifest["sha256"]
     assert re.fullmatch(r"res2net-fusion \d+\.\d+ \(sha256 [0-9a-f]{8}\)", MODEL_VERSION)
     assert digest[:8] in MODEL_VERSION
+    assert MODEL_VERSION.startswith(f"res2net-fusion {MODEL_RELEASE} ")
     card = (WEIGHTS_DIR / "MODEL_CARD.md").read_text()
     assert digest in card
+    # both training stages are recorded; the paper's autoencoder is the one trained in stage 1
+    assert set(manifest["stages"]) == {"autoencoder", "fusion"}
+    assert manifest["stages"]["autoencoder"]["step"] > 0
 
 
 def test_checksum_mismatch_raises(tmp_path: Path) -> None:

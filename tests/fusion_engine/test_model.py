@@ -8,13 +8,18 @@ import pytest
 import torch
 from torch import nn
 
+from fusion_engine.defaults import DEFAULT_STRATEGY
 from fusion_engine.model import (
     FUSION_STRATEGIES,
+    LEARNED_STRATEGY,
+    STRATEGY_NAMES,
+    FusionLayer,
     FusionNet,
     Res2NetBlock,
     addition,
     average,
     count_parameters,
+    fusion_macs_per_pixel,
     l1_norm,
     macs_per_pixel,
     mean_attention,
@@ -28,14 +33,28 @@ def test_parameter_count_and_macs_match_table_1() -> None:
     net = FusionNet()
     # conv 1->32, 32->64, Res2Net (1x1 64->64, 3 x two 3x3 16->16, 1x1 64->64),
     # reconstructor 64->64->32->16->1, all with biases
-    assert count_parameters(net) == 101_217
+    assert count_parameters(net.extractor) + count_parameters(net.reconstructor) == 101_217
     assert macs_per_pixel(net) == (40_736, 60_048)
+
+
+def test_learned_stage_cost_within_the_budget() -> None:
+    net = FusionNet()
+    # fusion layer 1x1 128->32, 3x3 32->32, 1x1 32->128 and a second reconstructor
+    assert count_parameters(net.stage.layer) == 4_128 + 9_248 + 4_224
+    assert count_parameters(net.stage) == 17_600 + 60_161
+    hand = fusion_macs_per_pixel(net, "mean-attention")
+    learned = fusion_macs_per_pixel(net, LEARNED_STRATEGY)
+    assert hand == 2 * 40_736 + 60_048
+    assert learned == hand + 4_096 + 9_216 + 4_096
+    assert learned <= 1.2 * hand  # the cap: at most 20 % more multiply-adds
+    # fp32 weights of the whole network under 1 MB
+    assert 4 * count_parameters(net) < 1_000_000
 
 
 def test_every_3x3_conv_uses_reflect_padding() -> None:
     convs = [m for m in FusionNet().modules() if isinstance(m, nn.Conv2d)]
     three = [c for c in convs if c.kernel_size == (3, 3)]
-    assert len(three) == 2 + 6 + 4
+    assert len(three) == 2 + 6 + 4 + 1 + 4
     assert all(c.padding_mode == "reflect" and c.padding == (1, 1) for c in three)
 
 
@@ -74,6 +93,7 @@ def test_any_image_size(shape: tuple[int, int]) -> None:
         assert net.autoencode(x).shape == x.shape
         for fn in FUSION_STRATEGIES.values():
             assert net.fuse(x, x.flip(0), fn).shape == x.shape
+        assert net.fuse_with(x, x.flip(0), LEARNED_STRATEGY).shape == x.shape
 
 
 def test_reflect_padding_keeps_constant_image_flat() -> None:
@@ -117,6 +137,33 @@ def test_strategy_names() -> None:
         "average",
     ]
     assert FUSION_STRATEGIES["mean-attention-paper"] is mean_attention
+    assert STRATEGY_NAMES[0] == DEFAULT_STRATEGY
+    assert sorted(STRATEGY_NAMES) == sorted([LEARNED_STRATEGY, *FUSION_STRATEGIES])
+
+
+def test_strategy_paths() -> None:
+    net = FusionNet()
+    fusion, rec = net.path(LEARNED_STRATEGY)
+    assert fusion is net.stage.layer and rec is net.stage.reconstructor
+    fusion, rec = net.path("mean-attention-paper")
+    assert fusion is mean_attention and rec is net.reconstructor
+    with pytest.raises(ValueError):
+        net.path("no-such")
+
+
+def test_fusion_layer_starts_as_addition_and_bounds_its_gains() -> None:
+    torch.manual_seed(2)
+    layer = FusionLayer().eval()
+    a, b = torch.rand(2, 64, 6, 7), torch.rand(2, 64, 6, 7)
+    bias = layer.gains.bias
+    assert bias is not None
+    with torch.no_grad():
+        assert torch.allclose(layer(a, b), addition(a, b), atol=1e-6)
+        bias.fill_(50.0)  # every gain saturates at 2
+        assert torch.allclose(layer(a, b), 2 * (a + b), atol=1e-5)
+        bias[:64].fill_(50.0)  # gain 2 for the CT's features ...
+        bias[64:].fill_(-50.0)  # ... 0 for the MR's: choose the CT
+        assert torch.allclose(layer(a, b), 2 * a, atol=1e-5)
 
 
 def test_sharpened_mean_attention() -> None:

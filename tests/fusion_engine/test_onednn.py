@@ -7,7 +7,7 @@ import torch
 
 from fusion_engine import onednn
 from fusion_engine.inference import load_model
-from fusion_engine.model import FUSION_STRATEGIES
+from fusion_engine.model import STRATEGY_NAMES
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
 
@@ -41,7 +41,7 @@ def test_border_ring_is_reflect_not_zero_padding() -> None:
     assert torch.allclose(out[..., 0, :], out[..., 4, :], atol=1e-6)  # constant image
 
 
-@pytest.mark.parametrize("strategy", list(FUSION_STRATEGIES))
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_fuse_matches_eager_for_every_strategy(strategy: str) -> None:
     model = load_model("cpu", "channels_last")
     assert model.fused_ops
@@ -49,11 +49,20 @@ def test_fuse_matches_eager_for_every_strategy(strategy: str) -> None:
     # smooth images: no exact ties between the sources' activities
     a = _nhwc(torch.nn.functional.avg_pool2d(torch.rand(1, 1, 52, 60, generator=g), 5, 1, 2))
     b = _nhwc(torch.nn.functional.avg_pool2d(torch.rand(1, 1, 52, 60, generator=g), 5, 1, 2))
-    fusion = FUSION_STRATEGIES[strategy]
+    fusion, reconstructor = model.net.path(strategy)
     with torch.inference_mode():
-        ref = model.net.fuse(a, b, fusion)
-        out = onednn.fuse(model.net, a, b, fusion)
+        ref = model.net.fuse(a, b, fusion, reconstructor)
+        out = onednn.fuse(model.net, a, b, fusion, reconstructor)
     assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_learned_fusion_layer_matches_eager() -> None:
+    layer = load_model("cpu", "channels_last").net.stage.layer
+    g = torch.Generator().manual_seed(11)
+    a = _nhwc(torch.rand(2, 64, 19, 23, generator=g))
+    b = _nhwc(torch.rand(2, 64, 19, 23, generator=g))
+    with torch.inference_mode():
+        assert torch.allclose(onednn.fusion_layer(layer, a, b), layer(a, b), atol=1e-5)
 
 
 def test_reference_precision_stays_eager() -> None:
