@@ -14,7 +14,7 @@ Usage: ``python benchmarks/fusion_speed.py [--threads N] [--batch 2] [--slices 8
    it): ms per slice and effective GFLOP/s = 2 x multiply-adds of (two extractors + the
    fusion layer's convolutions, if any + one reconstructor) x pixels / time, and the ratio of
    that to the GEMM rate.
-   PSNR of each path against fp32 is printed too (the issue allows fast paths >= 45 dB).
+   PSNR of each path against fp32 is printed too (a fast path must stay >= 45 dB from fp32).
 
 The slices are the AANLIB validation pairs (``--data``, default ../shared/data) upsampled to
 size x size, so that the PSNR reflects real anatomy; without that data, smoothed random images

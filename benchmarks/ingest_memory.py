@@ -1,7 +1,7 @@
 """Peak memory of receiving one large instance: the node vs pynetdicom's and DCMTK's storescp.
 
 Not a timed test. Makes one Enhanced CT instance of ``--mb`` MB (default 315: 600 frames of
-512 x 512 x 16 bit, the size issue #9 measured at 1.06 GB RSS on the node before streaming),
+512 x 512 x 16 bit, the size measured at 1.06 GB RSS on the node before streaming),
 sends it once with DCMTK ``storescu`` to each receiver on a free loopback port and reads the
 receiver's peak resident set size (``VmHWM`` in ``/proc/<pid>/status``) and its RSS just before
 the transfer:

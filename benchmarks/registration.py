@@ -19,7 +19,7 @@ Sets (see docs/registration.md for the tables it prints):
   human brain MR slices from AANLIB (when ../shared/data/aanlib-ct-mri is present).
 * real pair: the MRI-DIR CT and MR, landmark TRE (docs/registration_landmarks.json), the
   optimum's spread between independent sample sets, and a check with an independent metric
-  (ITK Mattes MI over the CT head at half resolution, 32 bins, as in issue #10).
+  (ITK Mattes MI over the CT head at half resolution, 32 bins, the independent metric).
 
 Speed is reported with the CPU flags and as a ratio to a reference kernel timed in the same run
 (one million trilinear look-ups, the operation the metric spends its time in).

@@ -10,7 +10,11 @@ DEFAULT_BATCH_SIZE = 2
 """Slices per inference batch unless the caller says otherwise. With freed memory reused
 (:mod:`fusion_engine.allocator`) larger batches were no faster on the CPU, only larger."""
 
-DEFAULT_STRATEGY = "mean-attention"
+LEARNED_STRATEGY = "learned-fusion"
+"""Name of the trained fusion stage among the strategies
+(:class:`fusion_engine.model.FusionStage`)."""
+
+DEFAULT_STRATEGY = LEARNED_STRATEGY
 """The fusion rule used when none is named (see :data:`fusion_engine.model.FUSION_STRATEGIES`)."""
 
 DEFAULT_CT_WINDOW: tuple[float, float] = (40.0, 400.0)

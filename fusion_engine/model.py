@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusion_engine.defaults import DEFAULT_STRATEGY
+from fusion_engine.defaults import DEFAULT_STRATEGY, LEARNED_STRATEGY
 
 EPS = 1e-8
 """Small epsilon of the attention weights (paper eq. 3)."""
@@ -222,9 +222,6 @@ FUSION_STRATEGIES: dict[str, FusionFn] = {
 pixel, the source with the larger channel mean); ``mean-attention-paper`` is eqs. 2-3 exactly.
 The learned rule, :data:`LEARNED_STRATEGY`, is not in this table: it has weights of its own.
 """
-
-LEARNED_STRATEGY = "learned-fusion"
-"""Name of the trained fusion stage (:class:`FusionStage`) among the strategies."""
 
 FUSION_HIDDEN = 32
 """Channels of the learned fusion layer's hidden maps (its cost: see :class:`FusionLayer`)."""

@@ -427,7 +427,7 @@ class StorageSCP:
             )
         return failure(status, why)
 
-    # -- TLS: the listener's context, the calling-AE/certificate binding (issue #12) --------
+    # -- TLS: the listener's context, the calling-AE/certificate binding ------------------
     def _make_tls_source(self, config: NodeConfig) -> ServerContextSource | None:
         if config.node.tls is None:
             return None
@@ -467,7 +467,7 @@ class StorageSCP:
         if change.applied and self._tls_source is not None:
             _log_certificate_findings(self._tls_source.config)
 
-    # -- audit records of associations (issue #12) ------------------------------------------
+    # -- audit records of associations ----------------------------------------------------
     def _calling(self, rec: AssociationRecord) -> audit.Participant:
         address, _, port = rec.peer.rpartition(":")
         subject = rec.tls.subject if rec.tls is not None else None

@@ -50,7 +50,7 @@ AGREE_MM = 2.0
 
 HALVES_FAIL_MM = 5.0
 """A half of the MR that disagrees with the whole by more than this (mean over its voxels)
-makes the result unreliable: the issue's definition of a misregistration is 5 mm."""
+makes the result unreliable: 5 mm is the misregistration a planner must not miss."""
 
 HALVES_WARN_MM = 2.0
 """A disagreement above this (TG-132's tolerance for rigid registration) is reported to the

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from fusion_engine.defaults import DEFAULT_STRATEGY
+from fusion_engine.defaults import DEFAULT_STRATEGY, LEARNED_STRATEGY
 from fusion_engine.errors import InputError
 from fusion_engine.research.report import ARTEFACTS, Report, artefacts, render_markdown
 
@@ -43,7 +43,13 @@ PEERS: dict[str, str] = {
 }
 """Peer folder name -> description; their outputs are read from the peers folder."""
 
-GRID_METHODS = ("mean-attention", "mean-attention-paper", "pixel-maximum", "laplacian-pyramid")
+GRID_METHODS = (
+    LEARNED_STRATEGY,
+    "mean-attention",
+    "mean-attention-paper",
+    "pixel-maximum",
+    "laplacian-pyramid",
+)
 """Methods shown in the grids besides the default and the peers."""
 
 ZOOM = (slice(64, 160), slice(80, 176))
@@ -121,7 +127,7 @@ def _score(
 
 
 def _descriptions(methods: Sequence[str]) -> dict[str, str]:
-    from fusion_engine.model import FUSION_STRATEGIES, LEARNED_STRATEGY, FusionLayer
+    from fusion_engine.model import FUSION_STRATEGIES, FusionLayer
 
     out = {m: PEERS[m] for m in methods if m in PEERS}
     out |= {

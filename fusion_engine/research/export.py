@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fusion_engine.defaults import LEARNED_STRATEGY
 from fusion_engine.model import FusionNet, conv_macs, count_parameters, fusion_macs_per_pixel
 
 WEIGHTS_FILE = "res2net_fusion.pt"
@@ -119,7 +120,7 @@ def model_card(version: str, manifest: dict[str, Any], size_kb: float) -> str:
     """The text of ``MODEL_CARD.md``."""
     net = FusionNet()
     stages = manifest.get("stages", {})
-    macs = fusion_macs_per_pixel(net, "learned-fusion")
+    macs = fusion_macs_per_pixel(net, LEARNED_STRATEGY)
     base = fusion_macs_per_pixel(net, "mean-attention")
     return f"""# Model card: {version}
 

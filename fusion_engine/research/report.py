@@ -119,7 +119,7 @@ class Report:
             return float(stats.ttest_rel(a, b).pvalue)
 
     def target_checks(self) -> dict[str, bool]:
-        """The issue's quality target, item by item (items whose reference is absent skip)."""
+        """The quality target, item by item (items whose reference is absent skip)."""
         d = self.default
         out: dict[str, bool] = {}
         for m in TARGET_FIRST:

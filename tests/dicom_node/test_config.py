@@ -33,7 +33,7 @@ def test_embedded_defaults_without_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert cfg.pairing.min_slices == 20
     assert cfg.jobs.max_attempts == 3
     assert cfg.worker.device == "auto"
-    assert cfg.fusion.strategy == "mean-attention"
+    assert cfg.fusion.strategy == "learned-fusion"
     assert cfg.retention.enabled is False
 
 

@@ -170,8 +170,14 @@ def test_pacs_down_then_mr_retrieved_by_get_is_fused_and_sent(
             return row is not None and row.state == PrefetchState.RETRY and row.attempts >= 2
 
     wait_until(retried, timeout=JOB_TIMEOUT, interval=0.3, what="prefetch retried")
-    listed = _run_cli(view, "jobs", "list")
-    assert "prefetching" in listed.stdout and "prefetch retry" in listed.stdout
+
+    def listed_as_retrying() -> bool:
+        # The retry loop passes through "querying" every second: poll until the list is
+        # taken between two attempts.
+        out = _run_cli(view, "jobs", "list").stdout
+        return "prefetching" in out and "prefetch retry" in out
+
+    wait_until(listed_as_retrying, timeout=JOB_TIMEOUT, interval=0.2, what="listed as retrying")
     pacs.start()
     (job,) = view.wait_jobs(1)
     assert job.mr_series_uid == first_uid(SMALL_MR, "SeriesInstanceUID")

@@ -46,7 +46,7 @@ def test_learned_stage_cost_within_the_budget() -> None:
     learned = fusion_macs_per_pixel(net, LEARNED_STRATEGY)
     assert hand == 2 * 40_736 + 60_048
     assert learned == hand + 4_096 + 9_216 + 4_096
-    assert learned <= 1.2 * hand  # the cap: at most 20 % more multiply-adds
+    assert learned <= 1.2 * hand  # the cap: at most 20 % more multiply-adds
     # fp32 weights of the whole network under 1 MB
     assert 4 * count_parameters(net) < 1_000_000
 

@@ -21,7 +21,7 @@ from dicom_node.states import DEFAULT_SEND_KINDS, DerivedKind
 
 
 class _Tls(BaseModel):
-    """What a destination's TLS settings might look like (issue #12)."""
+    """What a destination's TLS settings might look like."""
 
     model_config = ConfigDict(extra="forbid")
     ca_file: str
