@@ -38,6 +38,7 @@ from dicom_node.config import (
     parse_config_bytes,
 )
 from dicom_node.errors import ConfigError
+from dicom_node.polling import PollingThread
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,7 @@ class ConfigWatcher:
         self._subscribers: list[Subscriber] = []
         self._listeners: list[ChangeListener] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = PollingThread(self.check, interval, "config-watcher")
 
     @property
     def current(self) -> NodeConfig:
@@ -224,23 +224,10 @@ class ConfigWatcher:
             except Exception:
                 log.exception("config reload subscriber %r failed", callback)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception:  # never let the watcher thread die
-                log.exception("config watcher poll failed")
-
     def start(self) -> None:
         """Start the polling thread."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="config-watcher", daemon=True)
-            self._thread.start()
+        self._poller.start()
 
     def stop(self) -> None:
         """Stop the polling thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._poller.stop()

@@ -26,6 +26,7 @@ from typing import Any
 
 from dicom_node.config_security import DestinationTls, TlsServerSection
 from dicom_node.errors import TlsConfigError
+from dicom_node.polling import PollingThread
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +314,7 @@ class ServerContextSource:
         self._signature = _signature(cfg)
         self._pending: tuple[str | None, ...] | None = None
         self._on_change = on_change
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = PollingThread(self.poll, CONTEXT_CHECK_SECONDS, "tls-watcher")
 
     @property
     def config(self) -> TlsServerSection:
@@ -358,26 +358,13 @@ class ServerContextSource:
         self._tell(ContextChange(True, why, _files(cfg)))
         return True
 
-    def _run(self) -> None:
-        while not self._stop.wait(CONTEXT_CHECK_SECONDS):
-            try:
-                self.poll()
-            except Exception:  # never let the watcher die
-                log.exception("TLS certificate watcher poll failed")
-
     def start(self) -> None:
         """Start watching the files."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="tls-watcher", daemon=True)
-            self._thread.start()
+        self._poller.start()
 
     def stop(self) -> None:
         """Stop watching the files."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._poller.stop()
 
     def _tell(self, change: ContextChange) -> None:
         if self._on_change is not None:

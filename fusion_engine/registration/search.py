@@ -35,18 +35,20 @@ turned by up to 30 degrees to within about 8 degrees of a candidate. One 22-degr
 60 mm slab turned by 30 degrees 25 mm off (no candidate near enough for the slab's few
 structures to pull the polish into the right basin); the finer set costs about 3 s more."""
 
-SCREEN_POINTS = 500
+SCREEN_POINTS = 1000
 SCREEN_BINS = 16
-"""MR points and histogram bins used to screen every candidate pose."""
+"""MR points and histogram bins used to screen every candidate pose (with 43 tilts per
+orientation, 500 points let noise lift wrong poses above the right one in the screen)."""
 
 RESCORE_POINTS = 2500
 """MR points used to rescore the best screened poses and to polish."""
 
-RESCORE_COUNT = 300
+RESCORE_COUNT = 600
 """How many screened poses are rescored."""
 
-POLISH_COUNT = 6
-"""How many distinct rescored poses are polished."""
+POLISH_COUNT = 12
+"""How many distinct rescored poses are polished (the finer tilts give more distinct wrong
+poses that rescore well; with 6 the right one was crowded out for a small field of view)."""
 
 POLISH_STEPS = (6.0, 3.0)
 POLISH_ITERATIONS = 12

@@ -309,7 +309,10 @@ def test_oversized_stream_is_aborted(hostile_node: NodeProcess) -> None:
                 a.send(pdu(P_DATA_TF, (len(chunk) + 2).to_bytes(4, "big") + b"\x01\x00" + chunk))
                 sent += len(chunk)
         assert a.closed_by_node(timeout=20)
-    assert 2 * LIMIT_MB * 1024 * 1024 < sent < 200 * 1024 * 1024
+    # The node checks arriving sizes once a second; loopback carries a few hundred MB in that
+    # second on a fast or busy machine, so the bound only shows the node hung up long before
+    # the sender would have finished.
+    assert 2 * LIMIT_MB * 1024 * 1024 < sent < 400 * 1024 * 1024
     wait_until(lambda: "max_instance_mb arriving" in hostile_node.log(), timeout=10, what="log")
     wait_until(lambda: not list((hostile_node.storage / ".incoming").iterdir()), timeout=10)
     assert hostile_node.echoscu(CALLING).returncode == 0
