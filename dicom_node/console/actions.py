@@ -21,7 +21,7 @@ from dicom_node.orchestration import jobs
 from dicom_node.states import JobState
 
 if TYPE_CHECKING:
-    from dicom_node.console.app import ConsoleContext
+    from dicom_node.console.context import ConsoleContext
 
 JOB_ACTIONS = {
     "retry": (jobs.retry_job, Action.JOB_RETRIED),

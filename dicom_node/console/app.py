@@ -11,31 +11,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dicom_node.config import NodeConfig
 from dicom_node.console import api, configpages, health, prometheus, web
-from dicom_node.console.auth import BasicCache, LoginLimiter, PasswordStore, SessionStore
-from dicom_node.console.configedit import ConfigFile
+from dicom_node.console.context import ConsoleContext
 from dicom_node.console.guard import (
     REALM,
     ForbiddenError,
     NotAuthenticatedError,
     TooManyAttemptsError,
 )
-from dicom_node.console.recentlog import RecentLog
 from dicom_node.console.render import STATIC_DIR, render
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IDLE_SECONDS = 30 * 60.0
-ECHO_TIMEOUT_SECONDS = 10.0
 CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
@@ -46,30 +39,6 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",
 }
-
-
-def _no_worker() -> bool | None:
-    return None
-
-
-@dataclass
-class ConsoleContext:
-    """What the console works on: the config file, the index, the worker, its own state."""
-
-    config_file: ConfigFile
-    sessions: sessionmaker[Session]
-    passwords: PasswordStore
-    worker_alive: Callable[[], bool | None] = _no_worker
-    web_sessions: SessionStore = field(default_factory=lambda: SessionStore(DEFAULT_IDLE_SECONDS))
-    limiter: LoginLimiter = field(default_factory=LoginLimiter)
-    basic_cache: BasicCache = field(default_factory=BasicCache)
-    recent: RecentLog = field(default_factory=RecentLog)
-    echo_timeout: float = ECHO_TIMEOUT_SECONDS
-
-    @property
-    def config(self) -> NodeConfig:
-        """The configuration in force."""
-        return self.config_file.current
 
 
 async def _security_headers(

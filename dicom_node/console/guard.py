@@ -24,7 +24,7 @@ from dicom_node.console.auth import FAILURE_WINDOW_SECONDS, Session
 from dicom_node.console.changes import Action, Change, record_change
 
 if TYPE_CHECKING:
-    from dicom_node.console.app import ConsoleContext
+    from dicom_node.console.context import ConsoleContext
 
 SESSION_COOKIE = "dicom_node_session"
 LOGIN_COOKIE = "dicom_node_login"

@@ -21,9 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
 from dicom_node.config_watcher import ConfigWatcher
-from dicom_node.console.app import ConsoleContext, create_app
+from dicom_node.console.app import create_app
 from dicom_node.console.auth import PasswordStore, SessionStore
 from dicom_node.console.configedit import ConfigFile
+from dicom_node.console.context import ConsoleContext
 from dicom_node.errors import NetworkError
 
 log = logging.getLogger(__name__)

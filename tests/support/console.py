@@ -16,9 +16,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from dicom_node.config_watcher import ConfigWatcher
-from dicom_node.console.app import ConsoleContext, create_app
+from dicom_node.console.app import create_app
 from dicom_node.console.auth import LoginLimiter, PasswordStore
 from dicom_node.console.configedit import ConfigFile
+from dicom_node.console.context import ConsoleContext
 from dicom_node.models import Job, JobStage, Send, utcnow
 from dicom_node.states import JobState, SendState
 from dicom_node.storage.derived import PREVIEW, job_dir, write_manifest
