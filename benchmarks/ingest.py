@@ -124,15 +124,21 @@ def wait_ready(proc: subprocess.Popen[bytes], log: Path, marker: str, timeout: f
     raise RuntimeError(f"receiver not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """A Part 10 file: "DICM" after the 128-byte preamble."""
+    with path.open("rb") as fh:
+        fh.seek(128)
+        return fh.read(4) == b"DICM"
+
+
 def count_dicom_files(folder: Path) -> int:
-    """Received files below ``folder`` (DCMTK storescp names them without .dcm)."""
-    skip = {".yaml", ".sqlite3", ".log", ".tmp", ".part"}
+    """Received files below ``folder`` (any name: DCMTK storescp names them without .dcm; the
+    node keeps its index, audit trail and locks beside them, which are not counted)."""
     return sum(
         1
         for p in folder.rglob("*")
-        if p.is_file() and p.suffix not in skip and "sqlite3" not in p.name
-        and not p.name.startswith(".")
-    )  # fmt: skip
+        if p.is_file() and not p.name.startswith(".") and _is_dicom_file(p)
+    )
 
 
 def run_once(name: str, files: list[Path], data: Path, tmp_root: Path | None = None) -> float:
