@@ -58,6 +58,8 @@ STATUS_SUCCESS = 0x0000
 WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
 UNCOMPRESSED_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association
+SETTLE_SECONDS = 5.0
+"""How long to wait for a failed association's thread to finish before reading why it failed."""
 
 
 class DestinationLike(Protocol):
@@ -180,7 +182,14 @@ class _Wire:
         self.bytes_sent += len(event.data)
 
     def why_not_established(self, assoc: Association, dest: DestinationLike) -> tuple[str, bool]:
-        """Why ``assoc`` was not established, and whether that is permanent."""
+        """Why ``assoc`` was not established, and whether that is permanent.
+
+        pynetdicom's ``associate`` can return as soon as the peer closes the connection, while
+        the association's own thread is still reading the A-ASSOCIATE-RJ that came before the
+        close: the flags are read once that thread has ended, or a permanent rejection would
+        look like an abort and be retried."""
+        if assoc.is_alive():
+            assoc.join(timeout=SETTLE_SECONDS)
         if not self.connected:
             if self.tls is not None and self.tls.handshake_error:
                 return f"TLS to {dest.host}:{dest.port} failed: {self.tls.handshake_error}", False
