@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from fusion_engine.defaults import DEFAULT_CT_WINDOW, DEFAULT_STRATEGY
 from fusion_engine.errors import FusionEngineError
@@ -230,6 +230,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+STAGE_OPTIONS = ("steps", "crop", "lr", "val_every")
+"""Options whose defaults differ between the stages: left out when not given, so that each
+stage's config class (``TrainConfig``, ``FusionTrainConfig``) supplies its own default."""
+
+
+def _stage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The stage-dependent options the user gave."""
+    return {k: getattr(args, k) for k in STAGE_OPTIONS if getattr(args, k) is not None}
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "fusion":
         return _cmd_train_fusion(args)
@@ -239,19 +249,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=str(args.data),
         out=str(args.out),
-        steps=args.steps or 4000,
         batch_size=args.batch_size,
-        crop=args.crop or 256,
-        lr=args.lr or 1e-4,
         seed=args.seed,
         val_cases=tuple(args.val_cases),
-        val_every=args.val_every or 100,
         use_phantom=not args.no_phantom,
         ct_windows=windows,
         max_phantom_slices=args.max_phantom_slices,
         device=args.device,
         threads=args.threads,
         time_budget_s=None if args.time_budget_min is None else args.time_budget_min * 60.0,
+        **_stage_options(args),
     )
     res = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(
@@ -269,14 +276,10 @@ def _cmd_train_fusion(args: argparse.Namespace) -> int:
         data=str(args.data),
         out=str(args.out),
         init=str(args.init),
-        steps=args.steps or 1500,
         batch_size=args.batch_size,
-        crop=args.crop or 128,
-        lr=args.lr or 1e-3,
         seed=args.seed,
         val_cases=tuple(args.val_cases),
         exclude_cases=tuple(args.exclude_cases),
-        val_every=args.val_every or 250,
         loss=FusionLossWeights(
             args.loss_gradient,
             args.loss_intensity,
@@ -287,6 +290,7 @@ def _cmd_train_fusion(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         time_budget_s=None if args.time_budget_min is None else args.time_budget_min * 60.0,
+        **_stage_options(args),
     )
     res = train_fusion(cfg, resume=args.resume, progress=not args.no_progress)
     print(
