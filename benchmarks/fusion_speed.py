@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_flags
 
 from fusion_engine.allocator import reuse_freed_memory
 from fusion_engine.inference import LoadedModel, bf16_native, fuse, load_model
@@ -46,17 +47,6 @@ from fusion_engine.research.data import (
     list_pairs,
     read_unit_png,
 )
-
-
-def cpu_flags() -> set[str]:
-    """CPU feature flags from /proc/cpuinfo (empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +71,10 @@ def wait_listening(
     raise RuntimeError(f"receiver not listening after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+Launcher = Callable[[int, str, Path, Path], tuple[list[str], dict[str, str]]]
+"""Builds a receiver's command line and environment from (port, AE title, out, work folder)."""
+
+
 def node_cmd(port: int, aet: str, out: Path, work: Path) -> tuple[list[str], dict[str, str]]:
     """``dicom-node serve`` with a temp config accepting any calling AE."""
     cfg = work / "node.yaml"
@@ -98,7 +104,7 @@ def dcmtk_cmd(port: int, aet: str, out: Path, work: Path) -> tuple[list[str], di
     return [str(DCMTK / "storescp"), "-aet", aet, "-od", str(out), str(port)], DCMTK_ENV
 
 
-RECEIVERS: dict[str, Callable[[int, str, Path, Path], tuple[list[str], dict[str, str]]]] = {
+RECEIVERS: dict[str, Launcher] = {
     "node": node_cmd,
     "pynetdicom": pynetdicom_cmd,
     "dcmtk": dcmtk_cmd,
@@ -141,14 +147,29 @@ def count_dicom_files(folder: Path) -> int:
     )
 
 
-def run_once(name: str, files: list[Path], data: Path, tmp_root: Path | None = None) -> float:
-    """Send ``files`` to a fresh receiver ``name``; return the seconds storescu took."""
-    with tempfile.TemporaryDirectory(prefix=f"ingest-{name}-", dir=tmp_root) as tmp:
+@dataclass
+class Receiver:
+    """A started receiver: its process, where it listens and where it stores and logs."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    aet: str
+    out: Path
+    log: Path
+
+
+@contextmanager
+def started(
+    name: str, launch: Launcher, prefix: str, tmp_root: Path | None = None
+) -> Iterator[Receiver]:
+    """Start receiver ``name`` with ``launch`` in a fresh temp folder, wait until it listens
+    (and, for those in ``READY_MARKERS``, until it is fully started); stop it afterwards."""
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}-{name}-", dir=tmp_root) as tmp:
         work = Path(tmp)
         out = work / "out"
         out.mkdir()
         port, aet = free_port(), "BENCHSCP"
-        cmd, env = RECEIVERS[name](port, aet, out, work)
+        cmd, env = launch(port, aet, out, work)
         log = work / "receiver.log"
         with log.open("wb") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=work)
@@ -156,20 +177,7 @@ def run_once(name: str, files: list[Path], data: Path, tmp_root: Path | None = N
             wait_listening(proc, port, log)
             if name in READY_MARKERS:
                 wait_ready(proc, log, READY_MARKERS[name])
-            scu = [str(DCMTK / "storescu"), "-aet", CALLING, "-aec", aet, "+sd", "+r",
-                   "127.0.0.1", str(port), str(data)]  # fmt: skip
-            start = time.perf_counter()
-            done = subprocess.run(scu, env=DCMTK_ENV, capture_output=True, text=True, timeout=600)
-            seconds = time.perf_counter() - start
-            if done.returncode != 0:
-                raise RuntimeError(f"storescu -> {name} failed:\n{done.stdout}{done.stderr}")
-            received = count_dicom_files(out)
-            if received != len(files):
-                raise RuntimeError(
-                    f"{name}: {received} of {len(files)} instances stored\n"
-                    f"{done.stdout}{done.stderr}\n{log.read_text()[-3000:]}"
-                )
-            return seconds
+            yield Receiver(proc, port, aet, out, log)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -177,6 +185,25 @@ def run_once(name: str, files: list[Path], data: Path, tmp_root: Path | None = N
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def run_once(name: str, files: list[Path], data: Path, tmp_root: Path | None = None) -> float:
+    """Send ``files`` to a fresh receiver ``name``; return the seconds storescu took."""
+    with started(name, RECEIVERS[name], "ingest", tmp_root) as rx:
+        scu = [str(DCMTK / "storescu"), "-aet", CALLING, "-aec", rx.aet, "+sd", "+r",
+               "127.0.0.1", str(rx.port), str(data)]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(scu, env=DCMTK_ENV, capture_output=True, text=True, timeout=600)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"storescu -> {name} failed:\n{done.stdout}{done.stderr}")
+        received = count_dicom_files(rx.out)
+        if received != len(files):
+            raise RuntimeError(
+                f"{name}: {received} of {len(files)} instances stored\n"
+                f"{done.stdout}{done.stderr}\n{rx.log.read_text()[-3000:]}"
+            )
+        return seconds
 
 
 def main(argv: list[str] | None = None) -> int:

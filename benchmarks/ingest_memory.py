@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import (
     DCMTK,
     DCMTK_ENV,
-    free_port,
+    Launcher,
+    dcmtk_cmd,
     node_cmd,
     pynetdicom_cmd,
-    wait_listening,
-    wait_ready,
+    started,
 )
+from machine import vector_flags
 
 MB = 1024 * 1024
 FRAME = 512
@@ -53,34 +52,17 @@ TARGET_GROWTH = 0.10
 """The node's RSS growth while receiving, as a fraction of the instance size, at most."""
 
 
-def dcmtk_cmd(port: int, aet: str, out: Path, work: Path) -> tuple[list[str], dict[str, str]]:
-    """DCMTK's storescp (in memory, then written)."""
-    return [str(DCMTK / "storescp"), "-aet", aet, "-od", str(out), str(port)], DCMTK_ENV
-
-
 def dcmtk_bp_cmd(port: int, aet: str, out: Path, work: Path) -> tuple[list[str], dict[str, str]]:
     """DCMTK's storescp in bit-preserving mode (streams to the file)."""
     return [str(DCMTK / "storescp"), "+B", "-aet", aet, "-od", str(out), str(port)], DCMTK_ENV
 
 
-RECEIVERS: dict[str, Callable[[int, str, Path, Path], tuple[list[str], dict[str, str]]]] = {
+RECEIVERS: dict[str, Launcher] = {
     "node": node_cmd,
     "pynetdicom": pynetdicom_cmd,
     "dcmtk": dcmtk_cmd,
     "dcmtk-bitpreserving": dcmtk_bp_cmd,
 }
-
-
-def cpu_flags() -> str:
-    """The vector extensions of this CPU (from /proc/cpuinfo)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return ", ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "sse4"))))
-    except OSError:
-        pass
-    return "unknown"
 
 
 def make_instance(path: Path, mb: int) -> int:
@@ -115,36 +97,17 @@ def rss_kib(pid: int, field: str) -> int:
 
 def measure(name: str, instance: Path, tmp_root: Path | None) -> tuple[int, int, float]:
     """(idle RSS, peak RSS in KiB, seconds) of receiver ``name`` receiving ``instance``."""
-    with tempfile.TemporaryDirectory(prefix=f"mem-{name}-", dir=tmp_root) as tmp:
-        work = Path(tmp)
-        out = work / "out"
-        out.mkdir()
-        port, aet = free_port(), "BENCHSCP"
-        cmd, env = RECEIVERS[name](port, aet, out, work)
-        log = work / "receiver.log"
-        with log.open("wb") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=work)
-        try:
-            wait_listening(proc, port, log)
-            if name == "node":
-                wait_ready(proc, log, " started (device ")
-            time.sleep(1.0)
-            idle = rss_kib(proc.pid, "VmRSS")
-            scu = [str(DCMTK / "storescu"), "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1",
-                   str(port), str(instance)]  # fmt: skip
-            start = time.perf_counter()
-            done = subprocess.run(scu, env=DCMTK_ENV, capture_output=True, text=True, timeout=600)
-            seconds = time.perf_counter() - start
-            if done.returncode != 0:
-                raise RuntimeError(f"storescu -> {name} failed:\n{done.stdout}{done.stderr}")
-            return idle, rss_kib(proc.pid, "VmHWM"), seconds
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with started(name, RECEIVERS[name], "mem", tmp_root) as rx:
+        time.sleep(1.0)
+        idle = rss_kib(rx.proc.pid, "VmRSS")
+        scu = [str(DCMTK / "storescu"), "-aet", "BENCHSCU", "-aec", rx.aet, "127.0.0.1",
+               str(rx.port), str(instance)]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(scu, env=DCMTK_ENV, capture_output=True, text=True, timeout=600)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"storescu -> {name} failed:\n{done.stdout}{done.stderr}")
+        return idle, rss_kib(rx.proc.pid, "VmHWM"), seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         instance = Path(tmp) / "large.dcm"
         size = make_instance(instance, args.mb)
         print(f"one Enhanced CT instance of {size / MB:.0f} MB; {platform.machine()}, "
-              f"{os.cpu_count()} CPUs; CPU flags: {cpu_flags()}")  # fmt: skip
+              f"{os.cpu_count()} CPUs; CPU flags: {vector_flags()}")  # fmt: skip
         results: dict[str, tuple[int, int, float]] = {}
         for name in names:
             try:

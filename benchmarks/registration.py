@@ -43,6 +43,8 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import vector_flags  # noqa: E402
+
 from fusion_engine.errors import RegistrationError  # noqa: E402
 from fusion_engine.registration import api, register, resample_to  # noqa: E402
 from fusion_engine.registration import geometry as geo  # noqa: E402
@@ -69,18 +71,6 @@ class Row:
     cpu: float = 0.0
     warnings: list[str] = field(default_factory=list)
     note: str = ""
-
-
-def cpu_flags() -> str:
-    """Vector extensions of this CPU (from /proc/cpuinfo)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return " ".join(sorted(f for f in flags if f.startswith(("avx", "sse4", "fma"))))
-    except OSError:
-        pass
-    return "unknown"
 
 
 def reference_seconds() -> float:
@@ -538,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = reference_seconds()
     header = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, flags: "
-        f"{cpu_flags()}; {args.threads} threads; reference kernel (10^6 trilinear look-ups) "
+        f"{vector_flags()}; {args.threads} threads; reference kernel (10^6 trilinear look-ups) "
         f"{ref * 1000:.0f} ms"
     )
     print(header, flush=True)

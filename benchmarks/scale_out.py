@@ -33,6 +33,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import cpu_flags  # noqa: E402
+
 from dicom_node.models import Job  # noqa: E402
 from dicom_node.states import JobState  # noqa: E402
 from tests.peers.orthanc import Orthanc  # noqa: E402
@@ -48,17 +50,6 @@ from tests.support.data import SMALL_CT, SMALL_MR  # noqa: E402
 
 FULL_DATA = REPO.parent / "shared" / "data" / "mridir-phantom"
 SECONDS_PER_HOUR = 3600.0
-
-
-def cpu_flags() -> set[str]:
-    """CPU feature flags from /proc/cpuinfo (as benchmarks/fusion_speed.py prints them)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def run_once(
